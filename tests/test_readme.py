@@ -1,0 +1,18 @@
+"README.md mirrors nbs/index.ipynb (quarto, which would generate it, does not run here)."
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_index_cell_is_in_the_readme():
+    readme = (ROOT / 'README.md').read_text()
+    cells = json.loads((ROOT / 'nbs' / 'index.ipynb').read_text())['cells']
+    missing = [''.join(c['source']).strip()[:60] for c in cells if ''.join(c['source']).strip() not in readme]
+    assert not missing, f"README.md is out of sync with nbs/index.ipynb; cells missing: {missing}"
+
+
+def test_readme_names_the_two_setup_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / 'README.md').read_text()
+    assert 'make demo' in readme and 'make test' in readme
+    assert 'make test' in (ROOT / '.ci' / 'run').read_text()
