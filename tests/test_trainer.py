@@ -1,0 +1,138 @@
+"The trainer: exact resume, DDP equivalence, crash-safe checkpoints, signals, the non-finite guard."
+import dataclasses, os, signal, subprocess, sys, time, random
+from pathlib import Path
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / 'scripts'))
+from toy import NoisyToy, FixedLoader  # noqa: E402
+from folk_nb.trainer import (Trainer, TrainConfig, load_checkpoint, atomic_save, CHECKPOINT_FORMAT, CSVLog,  # noqa: E402
+                             NonFiniteLossError)
+
+SCRIPTS = Path(__file__).parent / 'scripts'
+
+
+def config(tmp_path, **kw):
+    base = dict(epochs=4, lr=5e-3, warmup_steps=2, out_dir=str(tmp_path), progress=False, log_every=1, deterministic=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def params(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def test_resume_mid_epoch_gives_identical_parameters(tmp_path):
+    """N steps straight == N/2 steps, checkpoint, a fresh process-like trainer resumes, N/2 more (dropout + noise
+    use the global RNG, so RNG states must be restored; the pause is mid-epoch, so the data position must be too)."""
+    torch.manual_seed(0); straight = NoisyToy()
+    Trainer(straight, FixedLoader(), config(tmp_path / 'a')).fit()
+    torch.manual_seed(0); first = NoisyToy()
+    t1 = Trainer(first, FixedLoader(), config(tmp_path / 'b'))
+    s = t1.fit(stop_at=6)                                    # 4 batches per epoch: step 6 is mid-epoch 1
+    assert s['status'] == 'paused' and s['steps'] == 6
+    torch.manual_seed(123); torch.rand(10)                   # a new process would have other RNG states
+    resumed = NoisyToy()
+    summary = Trainer(resumed, FixedLoader(), config(tmp_path / 'b')).resume().fit()
+    assert summary['steps'] == 16 and summary['status'] == 'finished'
+    for a, b in zip(params(straight), params(resumed)):
+        assert torch.equal(a, b)
+    assert torch.equal(straight.steps_seen, resumed.steps_seen)   # buffers restored too
+    steps = [int(r['step']) for r in CSVLog(tmp_path / 'b' / 'log.csv').rows()]
+    assert steps == list(range(1, 17))                        # the log holds every step once
+
+
+def test_sigterm_saves_and_resume_finishes_identically(tmp_path):
+    torch.manual_seed(0); straight = NoisyToy()
+    Trainer(straight, FixedLoader(), config(tmp_path / 'a')).fit()
+    torch.manual_seed(0); stopped = NoisyToy(signal_at=5)
+    s = Trainer(stopped, FixedLoader(), config(tmp_path / 'b')).fit()
+    assert s['status'] == 'stopped by SIGTERM' and s['steps'] == 6
+    ckpt = load_checkpoint(tmp_path / 'b' / 'checkpoints' / 'last.pt')
+    assert ckpt['step'] == 6 and ckpt['batch_in_epoch'] == 2
+    resumed = NoisyToy(signal_at=5)                           # same config (the signal step is past)
+    Trainer(resumed, FixedLoader(), config(tmp_path / 'b')).resume().fit()
+    for a, b in zip(params(straight), params(resumed)):
+        assert torch.equal(a, b)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
+def test_ddp_two_gloo_processes_match_one_process_on_the_combined_batch(tmp_path):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    for n, out in ((1, tmp_path / 'single'), (2, tmp_path / 'ddp')):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}',
+               str(SCRIPTS / 'ddp_step.py'), str(out), '3']
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a = load_checkpoint(tmp_path / 'single' / 'checkpoints' / 'last.pt')
+    b = load_checkpoint(tmp_path / 'ddp' / 'checkpoints' / 'last.pt')
+    assert a['world_size'] == 1 and b['world_size'] == 2 and a['step'] == b['step'] == 3
+    for k in a['model']:
+        if a['model'][k].is_floating_point():
+            torch.testing.assert_close(a['model'][k], b['model'][k], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(a['model']['backbone.0.weight'], torch.zeros(1))
+    assert len(b['rng']) == 2                                # every rank's RNG state is saved
+
+
+def test_sigkill_during_saves_never_corrupts_the_latest_checkpoint(tmp_path):
+    path = tmp_path / 'last.pt'
+    rng = random.Random(0)
+    for trial in range(12):
+        p = subprocess.Popen([sys.executable, str(SCRIPTS / 'save_loop.py'), str(path)], stdout=subprocess.PIPE, text=True)
+        p.stdout.readline()                                   # at least one complete save
+        time.sleep(rng.uniform(0.0, 0.4))                     # then kill it at a random moment, mostly mid-save
+        p.kill(); p.wait()
+        ckpt = load_checkpoint(path)
+        assert abs(float(ckpt['w'].double().sum()) - ckpt['sum']) < 1e-6 * max(1.0, abs(ckpt['sum']))
+    assert [q.name for q in tmp_path.iterdir() if q.suffix == '.pt'] == ['last.pt']
+
+
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
+    torch.manual_seed(0); m = NoisyToy(nan_steps=[2, 3])
+    t = Trainer(m, FixedLoader(), config(tmp_path, epochs=2))
+    before = {}
+
+    def snapshot(step, total, _orig=m.schedule):
+        if step in (2, 4): before[step] = params(m)
+        return _orig(step, total)
+    m.schedule = snapshot
+    s = t.fit()
+    assert s['nonfinite_steps'] == 2 and s['steps'] == 8
+    for a, b in zip(before[2], before[4]):                    # steps 2 and 3 changed nothing
+        assert torch.equal(a, b)
+
+
+def test_persistent_nonfinite_loss_stops_with_clear_message_and_checkpoint(tmp_path):
+    m = NoisyToy(nan_steps=list(range(100)))
+    with pytest.raises(NonFiniteLossError, match='NaN/inf for 3 steps in a row'):
+        Trainer(m, FixedLoader(), config(tmp_path, max_nonfinite=3)).fit()
+    assert (tmp_path / 'checkpoints' / 'last.pt').exists()
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path):
+    Trainer(NoisyToy(width=8), FixedLoader(), config(tmp_path, max_steps=2)).fit()
+    with pytest.raises(ValueError, match=r"settings differ .*'width': \(8, 16\)"):
+        Trainer(NoisyToy(width=16), FixedLoader(), config(tmp_path)).resume()
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ('echo pwned > /dev/null',))
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    torch.save({'format': CHECKPOINT_FORMAT, 'x': Evil()}, tmp_path / 'evil.pt')
+    with pytest.raises(ValueError, match='not a readable checkpoint'):
+        load_checkpoint(tmp_path / 'evil.pt')
+    torch.save({'x': 1}, tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match='not a folk_nb checkpoint'):
+        load_checkpoint(tmp_path / 'other.pt')
+    Trainer(NoisyToy(), FixedLoader(), config(tmp_path, max_steps=1)).fit()
+    assert load_checkpoint(tmp_path / 'checkpoints' / 'last.pt')['step'] == 1   # our own pass weights_only
+
+
+def test_config_json_and_summary_are_written(tmp_path):
+    import json
+    s = Trainer(NoisyToy(), FixedLoader(), config(tmp_path, max_steps=3), run_info={'command': 'test'}).fit()
+    cfg = json.loads((tmp_path / 'config.json').read_text())
+    assert cfg['method'] == 'noisy_toy' and cfg['train_config']['max_steps'] == 3 and cfg['command'] == 'test'
+    assert json.loads((tmp_path / 'summary.json').read_text())['steps'] == 3 == s['steps']
