@@ -54,4 +54,4 @@ def test_upload_of_image_and_of_garbage():
 def test_demo_writes_report(tmp_path):
     out = demo_main(['--out', str(tmp_path / 'demo.html'), '--size', '32', '--images', '3'])
     text = out.read_text()
-    assert out.exists() and 'Mask gallery' in text and text.count('"type":"image"') >= 3 * 7
+    assert out.exists() and 'Mask gallery' in text and text.count("\"source\":\"data:image") >= 3 * 7   # one PNG per tile (plotly escapes the slash)
