@@ -1,4 +1,4 @@
-"The SpectrumExplorer reacts to its controls and to uploads; folk_nb_demo writes a report."
+"The SpectrumExplorer reacts to its controls and to uploads; folk_nb_gallery writes a report."
 import io
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from PIL import Image
 
 from folk_nb.spectrum_explorer import SpectrumExplorer, MASK_KINDS, make_keep_mask
 from folk_nb.freq_masks import ratio_mask
-from folk_nb.report import main as demo_main
+from folk_nb.report import main as gallery_main
 
 
 def png_bytes(h=40, w=50):
@@ -51,7 +51,7 @@ def test_upload_of_image_and_of_garbage():
     assert ex.image.value == 'upload: mine.png'                  # the previous image stays
 
 
-def test_demo_writes_report(tmp_path):
-    out = demo_main(['--out', str(tmp_path / 'demo.html'), '--size', '32', '--images', '3'])
+def test_gallery_command_writes_report(tmp_path):
+    out = gallery_main(['--out', str(tmp_path / 'demo.html'), '--size', '32', '--images', '3'])
     text = out.read_text()
     assert out.exists() and 'Mask gallery' in text and text.count("\"source\":\"data:image") >= 3 * 7   # one PNG per tile (plotly escapes the slash)
