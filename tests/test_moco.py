@@ -1,0 +1,403 @@
+"""Tests for folk_nb.moco (MoCo v2, saliency-guided MoCo): logits against plain-Python references and hand-computed
+embeddings, per-sample hard negatives, the queue as a ring buffer, query-only masking, gradients, EMA, overfitting,
+config / state round-trips, the trainer, bf16 autocast and two-process DDP (gloo)."""
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import folk_nb.moco as moco_mod
+from folk_nb.methods import create_method
+from folk_nb.moco import MoCo, SaliencyMoCo, contrastive_logits, enqueue, info_nce, positive_accuracy
+from folk_nb.saliency import patch_pixel_mask
+
+VIT = dict(model='vit_tiny_patch16_224', img_size=32, patch_size=8, model_kwargs=dict(depth=1, embed_dim=64, num_heads=2))
+CNN = dict(model='test_resnet', img_size=32, cifar_stem=True)
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "Tiny models: one intra-op thread is several times faster than two on a shared 2-core machine."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def views(b=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(b, 3, size, size, generator=g), torch.rand(b, 3, size, size, generator=g)]
+
+
+def by_hand(backbone, head, x):
+    "Embedding written without the library's helpers: timm forward + head MLP, divided by the L2 norm."
+    with torch.no_grad():
+        f = backbone.model.forward_head(backbone.model.forward_features((x - MEAN) / STD), pre_logits=True)
+        z = head.mlp(f).double()
+    return z / z.norm(dim=1, keepdim=True)
+
+
+@pytest.fixture
+def capture(monkeypatch):
+    "Record every call of contrastive_logits made by the methods (inputs and result)."
+    calls, orig = [], moco_mod.contrastive_logits
+    def spy(q, k, queue, temperature=0.2, hard=None, alpha=2.0):
+        out = orig(q, k, queue, temperature, hard, alpha)
+        calls.append(dict(q=q.detach().clone(), k=k.clone(), queue=queue.clone(), temperature=temperature,
+                          hard=None if hard is None else hard.clone(), alpha=alpha, logits=out.detach().clone()))
+        return out
+    monkeypatch.setattr(moco_mod, 'contrastive_logits', spy)
+    return calls
+
+
+# ---------------------------------------------------------------- pure functions
+@pytest.mark.parametrize('with_hard', [False, True])
+def test_contrastive_logits_reference(with_hard):
+    rng = np.random.default_rng(0)
+    unit = lambda *s: (lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True))(rng.standard_normal(s))
+    q, k, t, queue = unit(5, 16), unit(5, 16), unit(5, 16), unit(11, 16)
+    tau, alpha = 0.17, 1.7
+    got = contrastive_logits(*(torch.tensor(a, dtype=torch.float32) for a in (q, k, queue)), tau,
+                             torch.tensor(t, dtype=torch.float32) if with_hard else None, alpha)
+    assert got.dtype == torch.float32 and got.shape == (5, 1 + 11 + int(with_hard))
+    for i in range(5):
+        row = [sum(q[i, d] * k[i, d] for d in range(16))]
+        row += [sum(q[i, d] * queue[j, d] for d in range(16)) for j in range(11)]
+        if with_hard: row.append(alpha * sum(q[i, d] * t[i, d] for d in range(16)))
+        np.testing.assert_allclose(got[i].numpy(), np.array(row) / tau, rtol=1e-5, atol=1e-5)
+
+
+def test_hard_negative_column_is_per_sample():
+    g = torch.Generator().manual_seed(1)
+    q, k, t = (F.normalize(torch.randn(6, 8, generator=g), dim=1) for _ in range(3))
+    queue = F.normalize(torch.randn(7, 8, generator=g), dim=1)
+    base = contrastive_logits(q, k, queue, 0.2, t)
+    swapped = contrastive_logits(q, k, queue, 0.2, t[[0, 4, 2, 3, 1, 5]])        # exchange samples 1 and 4
+    changed = (swapped != base).any(1)
+    assert changed.tolist() == [False, True, False, False, True, False]
+    assert torch.equal(swapped[:, :-1], base[:, :-1])                           # only the hard-negative column moves
+
+
+def test_info_nce_and_accuracy_reference():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 9, generator=g) * 3
+    ref = np.mean([-(l[0] - math.log(sum(math.exp(v) for v in l))) for l in logits.tolist()])
+    assert abs(float(info_nce(logits)) - ref) < 1e-5
+    assert float(positive_accuracy(logits)) == pytest.approx(sum(max(l) == l[0] for l in logits.tolist()) / 6)
+
+
+@pytest.mark.parametrize('K,sizes', [(10, [4, 4, 4, 4]), (7, [3, 5, 2, 6]), (5, [3, 8, 1]), (6, [6, 6])])
+def test_enqueue_is_a_ring_buffer(K, sizes):
+    queue, ptr = torch.full((K, 2), -1.0), torch.zeros((), dtype=torch.long)
+    ring, p, c = [[-1.0, -1.0]] * K, 0, 0
+    for n in sizes:
+        keys = torch.stack([torch.arange(c, c + n).float(), -torch.arange(c, c + n).float()], 1); c += n
+        enqueue(queue, ptr, keys)
+        for row in keys.tolist():                                              # plain Python ring buffer
+            ring[p] = row; p = (p + 1) % K
+        assert queue.tolist() == ring and int(ptr) == p
+
+
+def test_bad_arguments():
+    q = F.normalize(torch.randn(3, 4), dim=1)
+    with pytest.raises(ValueError, match='k must have shape'): contrastive_logits(q, q[:2], q)
+    with pytest.raises(ValueError, match='temperature'): contrastive_logits(q, q, q, 0.0)
+    with pytest.raises(TypeError, match='q must be a torch.Tensor'): contrastive_logits([1.0], q, q)
+    with pytest.raises(ValueError, match='hard must have shape'): contrastive_logits(q, q, q, 0.2, q[:1])
+    with pytest.raises(ValueError, match='width D'): enqueue(torch.zeros(5, 3), torch.zeros((), dtype=torch.long), q)
+    with pytest.raises(ValueError, match='temperature must lie'): MoCo(**VIT, temperature=-1)
+    with pytest.raises(ValueError, match='momentum must lie'): MoCo(**VIT, momentum=1.5)
+    with pytest.raises(TypeError, match='queue_size must be an int'): MoCo(**VIT, queue_size=8.0)
+    with pytest.raises(TypeError, match='model_kwargs must be a dict'): MoCo(**{**VIT, 'model_kwargs': 3})
+    with pytest.raises(ValueError, match='unknown timm model'): MoCo('resnet_eighteen')
+    with pytest.raises(ValueError, match='not divisible'): MoCo('vit_tiny_patch16_224', img_size=30, patch_size=8)
+    with pytest.raises(ValueError, match='needs a CNN backbone'): SaliencyMoCo(**VIT)
+    with pytest.raises(ValueError, match='hard_negative_ratio'): SaliencyMoCo(**CNN, hard_negative_ratio=(0.4, 1.2))
+    with pytest.raises(ValueError, match='fill must be one of'): SaliencyMoCo(**CNN, fill='zeros')
+    with pytest.raises(ValueError, match='not a timm model'): SaliencyMoCo(**CNN, saliency='sobel')
+    m = MoCo(**VIT, queue_size=8)
+    with pytest.raises(ValueError, match='1 view'): m({'views': views()[:1]})
+    with pytest.raises(ValueError, match='same shape'): m({'views': [views()[0], views(b=3)[1]]})
+    with pytest.raises(TypeError, match=r"batch\['views'\]\[1\]"): m({'views': [views()[0], (views()[1] * 255).byte()]})
+
+
+# ---------------------------------------------------------------- the logits inside forward
+def test_moco_logits_layout_in_forward(capture):
+    torch.manual_seed(0)
+    m = MoCo(**VIT, queue_size=12, temperature=0.2)
+    v = views(b=4)
+    q0 = m.queue.clone()
+    m({'views': v})
+    (call,) = capture
+    L = call['logits']
+    assert L.shape == (4, 1 + 12)
+    q = by_hand(m.backbone, m.head, v[0])
+    k = by_hand(m.momentum_backbone, m.momentum_head, v[1])
+    np.testing.assert_allclose(L[:, 0].double(), (q * k).sum(1) / 0.2, atol=1e-4)       # q.k+ of the same sample
+    np.testing.assert_allclose(L[:, 1:].double(), q @ q0.double().T / 0.2, atol=1e-4)   # queue columns = q.queue^T
+    assert call['hard'] is None
+
+
+def test_saliency_moco_logits_layout_and_per_sample_hard_negative(capture):
+    torch.manual_seed(0)
+    m = SaliencyMoCo(**CNN, queue_size=10, alpha=2.0, temperature=0.2)
+    v = views(b=4)
+    q0 = m.queue.clone()
+    out = m({'views': v})
+    (call,) = capture
+    L = call['logits']
+    assert L.shape == (4, 1 + 10 + 1)
+    # embeddings by hand, same batches in train mode (BN batch statistics are those of the same batch)
+    q = by_hand(m.backbone, m.head, out['input'])
+    k = by_hand(m.momentum_backbone, m.momentum_head, v[1])
+    t = by_hand(m.momentum_backbone, m.momentum_head, out['hard_negative'])
+    np.testing.assert_allclose(L[:, 0].double(), (q * k).sum(1) / 0.2, atol=1e-4)
+    np.testing.assert_allclose(L[:, 1:11].double(), q @ q0.double().T / 0.2, atol=1e-4)
+    np.testing.assert_allclose(L[:, 11].double(), 2.0 * (q * t).sum(1) / 0.2, atol=1e-4)  # each row its own t
+    # the hard negatives differ from sample to sample, and swapping two of them changes only those two rows
+    assert not torch.allclose(call['hard'][0], call['hard'][1])
+    swapped = contrastive_logits(call['q'], call['k'], call['queue'], 0.2, call['hard'][[2, 1, 0, 3]], 2.0)
+    assert (swapped != L).any(1).tolist() == [True, False, True, False]
+
+
+@pytest.mark.parametrize('symmetric', [False, True])
+def test_queue_gets_exactly_the_keys(capture, symmetric):
+    torch.manual_seed(0)
+    m = SaliencyMoCo(**CNN, queue_size=11, symmetric=symmetric)
+    ring, ptr = m.queue.clone(), 0
+    for step in range(3):
+        before = m.queue.clone()
+        capture.clear()
+        m({'views': views(b=4, seed=step)})
+        keys = torch.cat([c['k'] for c in capture])                  # hard negatives are not among them
+        assert keys.shape[0] == 4 * (1 + symmetric)
+        for c in capture: assert torch.equal(c['queue'], before)    # every direction saw the queue before the step
+        for row in keys:
+            ring[ptr] = row; ptr = (ptr + 1) % 11
+        assert torch.equal(m.queue, ring) and int(m.queue_ptr) == ptr
+        hard = torch.cat([c['hard'] for c in capture])
+        assert torch.cdist(hard, m.queue).min() > 1e-4               # no hard negative entered the queue
+
+
+def test_queue_wraps_around_in_training():
+    m = MoCo(**VIT, queue_size=10)
+    ptrs = []
+    for step in range(4):
+        m({'views': views(b=4, seed=step)})
+        ptrs.append(int(m.queue_ptr))
+    assert ptrs == [4, 8, 2, 6]
+    k_last = m.encode_key(views(b=4, seed=3)[1])
+    torch.testing.assert_close(m.queue[2:6], k_last, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- masking only touches the query
+@pytest.mark.parametrize('fill', ['highpass', 'blur', 'mean'])
+def test_masking_only_touches_the_query(monkeypatch, fill):
+    torch.manual_seed(1)
+    m = SaliencyMoCo(**CNN, queue_size=8, fill=fill)
+    seen_q, seen_k = [], []
+    enc_q, enc_k = m.encode_query, m.encode_key
+    monkeypatch.setattr(m, 'encode_query', lambda x: (seen_q.append(x.clone()), enc_q(x))[1])
+    monkeypatch.setattr(m, 'encode_key', lambda x: (seen_k.append(x.clone()), enc_k(x))[1])
+    v = views(b=6, seed=3)
+    originals = [x.clone() for x in v]
+    out = m({'views': v})
+    assert all(torch.equal(a, b) for a, b in zip(v, originals))       # the batch is not modified in place
+    assert len(seen_q) == 1 and len(seen_k) == 2
+    assert torch.equal(seen_k[0], v[1])                                # the key view goes in untouched
+    qpix = patch_pixel_mask(out['query_mask'], out['grid'], (32, 32))
+    assert torch.equal(seen_q[0], out['input'])
+    assert torch.equal(torch.where(qpix, 0.0, seen_q[0]), torch.where(qpix, 0.0, v[0]))   # only masked pixels differ
+    assert (seen_q[0] != v[0]).any()
+    N = out['grid'][0] * out['grid'][1]
+    n = out['query_mask'].sum(1)
+    assert ((n >= int(N * 0.05)) & (n <= int(N * 0.25))).all()
+    hpix = patch_pixel_mask(out['hard_negative_mask'], out['grid'], (32, 32))
+    assert torch.equal(seen_k[1], out['hard_negative'])
+    assert torch.equal(torch.where(hpix, 0.0, seen_k[1]), torch.where(hpix, 0.0, v[1]))
+    fk = out['key_foreground'].sum(1)
+    h = out['hard_negative_mask'].sum(1)
+    assert not (out['hard_negative_mask'] & ~out['key_foreground']).any()
+    assert ((h >= torch.floor(0.4 * fk)) & (h <= torch.floor(0.7 * fk + 1e-9))).all()
+
+
+# ---------------------------------------------------------------- gradients and EMA
+@pytest.mark.parametrize('kind', ['moco_vit', 'saliency_cnn', 'saliency_timm', 'moco_resnet18'])
+def test_gradients_reach_online_encoder_only(kind):
+    torch.manual_seed(0)
+    size = 32
+    if kind == 'moco_vit': m = MoCo(**VIT, queue_size=8)
+    elif kind == 'saliency_cnn': m = SaliencyMoCo(**CNN, queue_size=8)
+    elif kind == 'saliency_timm': m = SaliencyMoCo(**CNN, queue_size=8, saliency='test_resnet', saliency_pretrained=False)
+    else:
+        size = 16
+        m = SaliencyMoCo('resnet18', img_size=16, cifar_stem=True, queue_size=8)
+    m({'views': views(b=4, size=size)})['loss'].backward()
+    online = list(m.backbone.named_parameters()) + list(m.head.named_parameters())
+    assert all(p.grad is not None for _, p in online)              # every online parameter is in the graph
+    # (timm ResNets zero-init the last BN of each residual block, so some gradients are exactly 0 at step 0)
+    first = next(p for n, p in m.backbone.named_parameters() if p.ndim == 4)      # stem conv / patch embedding
+    assert first.grad.abs().sum() > 0 and m.head.mlp[0].weight.grad.abs().sum() > 0
+    frozen = [*m.momentum_backbone.parameters(), *m.momentum_head.parameters()]
+    if getattr(m, 'saliency_model', None) is not None: frozen += list(m.saliency_model.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in frozen)
+    optimised = {id(p) for g in m.param_groups(0.05) for p in g['params']}
+    assert optimised == {id(p) for _, p in online}
+
+
+def test_ema_update_matches_formula():
+    torch.manual_seed(0)
+    m = SaliencyMoCo(**CNN, queue_size=8, momentum=0.9)
+    with torch.no_grad():
+        for p in [*m.backbone.parameters(), *m.head.parameters()]: p.add_(torch.randn_like(p))
+    pairs = [(m.momentum_backbone, m.backbone), (m.momentum_head, m.head)]
+    before = [{n: p.clone() for n, p in t.named_parameters()} for t, _ in pairs]
+    bufs = {n: b.clone() for n, b in m.momentum_backbone.named_buffers() if b.is_floating_point()}
+    assert m.schedule(3, 10) == {'momentum': 0.9}
+    m.after_optimizer_step()
+    for (t, s), old in zip(pairs, before):
+        sp = dict(s.named_parameters())
+        for n, p in t.named_parameters():
+            torch.testing.assert_close(p, 0.9 * old[n] + 0.1 * sp[n], atol=1e-6, rtol=1e-6)
+    for n, b in m.momentum_backbone.named_buffers():                  # BN statistics stay the momentum encoder's own
+        if b.is_floating_point(): assert torch.equal(b, bufs[n])
+
+
+def test_cosine_momentum_schedule():
+    m = MoCo(**VIT, queue_size=8, momentum=0.99, momentum_schedule='cosine')
+    for step in (0, 3, 5, 9, 10, 12):
+        want = 1 - (1 - 0.99) * (1 + math.cos(math.pi * min(step, 10) / 10)) / 2
+        assert abs(m.schedule(step, 10)['momentum'] - want) < 1e-12
+
+
+# ---------------------------------------------------------------- overfitting a fixed batch
+def fixed_loss(m, batch, queue0, seed=123):
+    "Loss on `batch` against the fixed queue `queue0`, same random masks every time; the method's state is kept."
+    state = copy.deepcopy(m.state_dict())
+    m.queue.copy_(queue0)
+    torch.manual_seed(seed)
+    with torch.no_grad(): loss = float(m(batch)['loss'])
+    m.load_state_dict(state)
+    return loss
+
+
+@pytest.mark.parametrize('name,kw', [('moco', VIT), ('saliency_moco', CNN)])
+def test_overfit_fixed_batch(name, kw):
+    torch.manual_seed(0)
+    m = create_method(name, **kw, queue_size=16, momentum=0.99)
+    batch = {'views': views(b=8, seed=5)}
+    queue0 = m.queue.clone()
+    opt = torch.optim.AdamW(m.param_groups(0.0), lr=2e-3)
+    start = fixed_loss(m, batch, queue0)
+    for step in range(12):
+        m.queue.copy_(queue0)                 # a fixed set of negatives: the batch's own keys never become negatives
+        loss = m(batch)['loss']
+        opt.zero_grad(); loss.backward(); opt.step()
+        m.schedule(step, 12); m.after_optimizer_step()
+    end = fixed_loss(m, batch, queue0)
+    assert end < 0.8 * start, (start, end)
+
+
+# ---------------------------------------------------------------- config, state, trainer, autocast
+@pytest.mark.parametrize('name,kw', [('moco', dict(VIT, queue_size=8, symmetric=True, momentum_schedule='cosine')),
+                                     ('saliency_moco', dict(CNN, queue_size=8, fill='blur', query_mask_ratio=(0.1, 0.3)))])
+def test_config_and_state_round_trip(name, kw):
+    torch.manual_seed(0)
+    m = create_method(name, **kw)
+    m({'views': views()})
+    cfg = json.loads(json.dumps(m.config))                         # what config.json holds
+    m2 = create_method(name, **cfg)
+    assert m2.config == m.config and type(m2) is type(m)
+    assert {'queue', 'queue_ptr'} <= set(m.state_dict())
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2.queue, m.queue) and int(m2.queue_ptr) == int(m.queue_ptr) == (4 * (1 + m.symmetric)) % 8
+    m.eval(); m2.eval()
+    x = views(seed=9)[0]
+    torch.testing.assert_close(m2.encode_query(x), m.encode_query(x))
+    torch.testing.assert_close(m2.encode_key(x), m.encode_key(x))
+    if name == 'saliency_moco': assert m2.query_mask_ratio == (0.1, 0.3) and m2.fill == 'blur'
+
+
+@pytest.mark.parametrize('name', ['moco', 'saliency_moco'])
+def test_trainer_run(name, tmp_path):
+    from folk_nb.data import create_loader
+    from folk_nb.trainer import TrainConfig, Trainer, load_checkpoint
+    torch.manual_seed(0)
+    m = create_method(name, **CNN, queue_size=20)
+    loader = create_loader('samples', recipe=m.recipe, size=32, batch_size=8, device='cpu', epoch_size=16)
+    summary = Trainer(m, loader, TrainConfig(max_steps=3, lr=0.01, progress=False, log_every=1, out_dir=str(tmp_path))).fit()
+    assert summary['steps'] == 3 and summary['nonfinite_steps'] == 0 and math.isfinite(summary['last']['loss'])
+    assert int(m.queue_ptr) == (3 * 8) % 20
+    ckpt = load_checkpoint(tmp_path / 'checkpoints' / 'last.pt')
+    m2 = create_method(ckpt['method'], **ckpt['method_config'])
+    m2.load_state_dict(ckpt['model'])
+    assert torch.equal(m2.queue, m.queue.cpu())
+
+
+@pytest.mark.parametrize('name,kw', [('moco', VIT), ('saliency_moco', CNN)])
+def test_bf16_autocast_forward(name, kw):
+    torch.manual_seed(0)
+    m = create_method(name, **kw, queue_size=8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = m({'views': views()})
+    assert out['loss'].dtype == torch.float32 and torch.isfinite(out['loss'])
+    assert m.queue.dtype == torch.float32
+    out['loss'].backward()
+    assert m.head.mlp[0].weight.grad is not None
+
+
+def test_saliency_sources_and_frozen_model():
+    torch.manual_seed(0)
+    sp = SaliencyMoCo(**VIT, queue_size=8, saliency='spectral')
+    out = sp({'views': views()})
+    assert out['saliency'].shape == (4, 1, 32, 32) and out['foreground'].shape == (4, 64)
+    tm = SaliencyMoCo(**CNN, queue_size=8, saliency='test_resnet', saliency_pretrained=False)
+    assert any(k.startswith('saliency_model.') for k in tm.state_dict())
+    assert not any(p.requires_grad for p in tm.saliency_model.parameters())
+    assert tm.saliency_map(views()[0]).ndim == 4
+
+
+# ---------------------------------------------------------------- two processes (gloo): gathered keys, shuffle BN
+def _ddp_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)                                           # the same model and queue on both ranks
+        m = MoCo('test_resnet', img_size=16, cifar_stem=True, queue_size=10)
+        v = views(b=3, size=16, seed=10 + rank)
+        q0 = m.queue.clone()
+        m.eval()                                                       # BN running statistics: keys do not depend on the shuffle
+        m({'views': v})
+        shuffled = m.encode_key(v[1])
+        m.shuffle_bn = False
+        plain = m.encode_key(v[1])
+        x = torch.arange(3.0)[:, None] + 3 * rank
+        share, undo = moco_mod.shuffle_across_ranks(x)
+        back = moco_mod.unshuffle_across_ranks(share * 10, undo)
+        torch.save(dict(queue=m.queue, ptr=m.queue_ptr, q0=q0, shuffled=shuffled, plain=plain, share=share,
+                        back=back, x=x), f'{out_file}.{rank}')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gather_and_shuffle_bn(tmp_path):
+    import torch.multiprocessing as mp
+    # fork: the workers inherit the imported modules (spawn would re-import torch and timm in each, ~10 s)
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'out')), nprocs=2,
+                       start_method='fork')
+    r = [torch.load(f'{tmp_path}/out.{i}') for i in range(2)]
+    assert torch.equal(r[0]['queue'], r[1]['queue']) and int(r[0]['ptr']) == 6     # both ranks: the same queue
+    torch.testing.assert_close(r[0]['queue'][:3], r[0]['plain'], atol=1e-5, rtol=0)  # rank 0's keys first
+    torch.testing.assert_close(r[0]['queue'][3:6], r[1]['plain'], atol=1e-5, rtol=0)  # then rank 1's
+    assert torch.equal(r[0]['queue'][6:], r[0]['q0'][6:])
+    for i in range(2):
+        torch.testing.assert_close(r[i]['shuffled'], r[i]['plain'], atol=1e-5, rtol=0)
+        assert torch.equal(r[i]['back'], r[i]['x'] * 10)
+    assert sorted(torch.cat([r[0]['share'], r[1]['share']])[:, 0].tolist()) == [0, 1, 2, 3, 4, 5]
