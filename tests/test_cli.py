@@ -1,0 +1,78 @@
+"folk_nb_pretrain end to end: every method runs, resumes, refuses to overwrite; options from files; --help."
+import json, subprocess, sys
+from pathlib import Path
+import pytest
+import torch
+
+from folk_nb.cli import main, parse_args, METHOD_NAMES
+from folk_nb.trainer import load_checkpoint
+
+VIT = ['--model-args', json.dumps({'depth': 1, 'embed_dim': 64, 'num_heads': 2})]
+TINY = {
+    'mfm': VIT, 'folk': VIT + ['--method-args', json.dumps({'out_dim': 128})],
+    'mae': VIT + ['--method-args', json.dumps({'decoder_dim': 32, 'decoder_depth': 1, 'decoder_heads': 2})],
+    'famt': VIT + ['--method-args', json.dumps({'decoder_dim': 32, 'decoder_depth': 1, 'decoder_heads': 2})],
+    'moco': ['--method-args', json.dumps({'queue_size': 64})],
+    'saliency_moco': ['--method-args', json.dumps({'queue_size': 64, 'saliency': 'spectral'})],
+}
+
+
+def run(method, out, *extra):
+    argv = ['--method', method, '--data', 'samples', '--img-size', '32', '--batch-size', '8', '--epoch-size', '16',
+            '--out', str(out), '--no-progress', '--log-every', '1', '--device', 'cpu', *TINY[method], *extra]
+    return main(argv)
+
+
+@pytest.mark.parametrize('method', METHOD_NAMES)
+def test_every_method_trains_and_resumes_through_the_cli(method, tmp_path):
+    s = run(method, tmp_path, '--max-steps', '2')
+    assert s['status'] == 'finished' and s['steps'] == 2 and s['last']['loss'] == s['last']['loss']   # not NaN
+    ckpt = load_checkpoint(tmp_path / 'checkpoints' / 'last.pt')
+    assert ckpt['method'] == method and ckpt['step'] == 2
+    args = json.loads((tmp_path / 'args.json').read_text())
+    assert args['method'] == method and args['img_size'] == 32
+    s = main(['--config', str(tmp_path / 'args.json'), '--resume', '--max-steps', '3'])   # resume from the saved config
+    assert s['steps'] == 3 and s['steps_this_run'] == 1
+
+
+def test_existing_run_is_not_overwritten_and_missing_resume_is_clear(tmp_path, capsys):
+    run('mfm', tmp_path / 'a', '--max-steps', '1')
+    with pytest.raises(SystemExit) as e:
+        run('mfm', tmp_path / 'a', '--max-steps', '1')
+    assert e.value.code == 2 and 'pass --resume' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run('mfm', tmp_path / 'b', '--resume')
+    assert 'no checkpoint' in capsys.readouterr().err
+
+
+def test_resume_with_another_method_is_refused(tmp_path, capsys):
+    run('mfm', tmp_path, '--max-steps', '1')
+    with pytest.raises(SystemExit):
+        run('mae', tmp_path, '--resume')
+    assert "the checkpoint is method 'mfm', this run is 'mae'" in capsys.readouterr().err
+
+
+def test_config_file_toml_and_unknown_keys(tmp_path):
+    (tmp_path / 'run.toml').write_text('method = "moco"\nbatch_size = 16\n')
+    a = parse_args(['--config', str(tmp_path / 'run.toml')])
+    assert a['method'] == 'moco' and a['batch_size'] == 16
+    (tmp_path / 'bad.json').write_text(json.dumps({'method': 'mfm', 'batchsize': 3}))
+    with pytest.raises(SystemExit):
+        parse_args(['--config', str(tmp_path / 'bad.json')])
+
+
+def test_bad_model_and_sizes_give_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(['--method', 'mae', '--model', 'vit_tinny_patch16_224', '--out', str(tmp_path / 'x'), '--no-progress'])
+    assert 'vit_tiny_patch16_224' in capsys.readouterr().err          # close valid names are suggested
+    with pytest.raises(SystemExit):
+        main(['--method', 'mae', '--img-size', '30', '--patch-size', '4', '--out', str(tmp_path / 'y'), '--no-progress'])
+    assert 'divisible' in capsys.readouterr().err
+
+
+def test_console_script_help_documents_every_option():
+    exe = Path(sys.executable).parent / 'folk_nb_pretrain'
+    r = subprocess.run([str(exe), '--help'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for opt in ('--method', '--model', '--data', '--epochs', '--max-steps', '--batch-size', '--out', '--resume', '--config'):
+        assert opt in r.stdout
