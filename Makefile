@@ -35,8 +35,8 @@ sync: venv
 	if diff -r -q -x __pycache__ "$$tmp/folk_nb" folk_nb; then echo "folk_nb/ is in sync with nbs/"; rm -rf "$$tmp"; \
 	else echo "folk_nb/ differed from what nbs/ exports (nbdev_export has now rewritten it): edit the notebooks, not folk_nb/*.py"; rm -rf "$$tmp"; exit 1; fi
 
-nbtest: venv
-	$(BIN)/nbdev_test --n_workers 2
+nbtest: venv   # two notebooks at a time, one thread each (2-core machines)
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
 
 pytest: venv
 	$(BIN)/python -m pytest tests
