@@ -45,7 +45,7 @@ def test_upload_of_image_and_of_garbage():
     ex = SpectrumExplorer(size=32)
     ex._on_upload({'new': ({'name': 'mine.png', 'content': memoryview(png_bytes())},)})
     assert ex.image.value == 'upload: mine.png' and ex.message.value == ''
-    assert np.array(ex.fig.data[0].z).shape == (32, 32, 3)
+    assert ex.fig.data[0].source.startswith('data:image/png;base64,') and ex.last['image'].shape == (32, 32, 3)
     ex._on_upload({'new': ({'name': 'broken.jpg', 'content': b'\xff\xd8\xff garbage'},)})
     assert 'Could not use broken.jpg' in ex.message.value
     assert ex.image.value == 'upload: mine.png'                  # the previous image stays
