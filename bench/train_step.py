@@ -1,0 +1,270 @@
+"""Training-step benchmark per method x model: img/s, peak memory, FLOPs per image, MFU, and the speed-up of the
+trainer's step over a plain eager fp32 step, all measured in one run.
+
+    python bench/train_step.py [--device cpu|cuda] [--methods mae,mfm,...] [--models vit_t4_32,resnet18_32,...]
+                               [--steps N] [--warmup N] [--batch N] [--amp auto|bf16|off] [--compile] [--no-save]
+
+For every method x model:
+- **the trainer's step**: `folk_nb.trainer.Trainer.train_step` on one fixed batch of augmented views (the method's
+  own recipe, made once on the device, so data loading is not timed): schedule, forward under bf16 autocast on CUDA
+  (`--amp`), backward, gradient clipping, fused AdamW on CUDA, EMA hooks, the finite-loss check. `--warmup` steps,
+  then `--steps` timed steps between two `cuda.synchronize()`; img/s = batch / mean step time;
+- **peak memory**: `torch.cuda.max_memory_allocated` over the timed steps (CUDA only; not measured on CPU);
+- **FLOPs per image**: `torch.utils.flop_counter.FlopCounterMode` over one fp32 forward + backward, divided by the
+  batch: matmuls, convolutions and attention (FFTs, element-wise ops and the optimiser are not counted, so MFU is a
+  slight under-estimate for the frequency methods);
+- **MFU** = FLOPs/img x img/s / peak, where the peak is measured in the same run by timing a large matmul: bf16
+  8192^3 on CUDA, fp32 2048^3 on CPU;
+- **plain**: the same step in eager fp32 (no autocast, no compile, `torch.optim.AdamW` with its defaults), and the
+  speed-up of the trainer's step over it. On CPU the trainer's step is fp32 and unfused too (its optimisations are for
+  CUDA), so the speed-up there is ~1 up to noise;
+- the machine's 1-minute load average before and after (`load_avg_1min`): a shared, busy machine makes every timing
+  above unreliable, and the script says so.
+
+Models (`--models`): vit_s16_224, vit_b16_224, resnet50_224 (224 px), vit_t4_32 (ViT-Ti, patch 4), resnet18_32
+(CIFAR stem) at 32 px, and vit_micro_p4_32 (2 blocks, width 64: smoke tests only). Default: all but the micro one on
+CUDA; on CPU only the two 32 px ones with batch 8, so a CPU run ends in minutes. Methods that cannot use a model
+(MAE and FAMT need a ViT) are skipped with a note, as are methods whose module does not import yet. Methods run with
+their paper defaults, except at 32 px where FOLK has 4096 prototypes and MoCo a queue of 4096 (CIFAR-scale
+settings; `--method-kwargs` overrides). The table goes to
+stdout; one JSON line per configuration (with device, date, command) is appended to bench/results/train_step.jsonl.
+"""
+import argparse, json, math, os, platform, shlex, sys, tempfile, time, traceback
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from folk_nb.methods import METHODS, create_method
+
+RESULTS = Path(__file__).resolve().parent / 'results' / 'train_step.jsonl'
+
+MODELS = {
+    'vit_s16_224': dict(model='vit_small_patch16_224', img_size=224),
+    'vit_b16_224': dict(model='vit_base_patch16_224', img_size=224),
+    'resnet50_224': dict(model='resnet50', img_size=224),
+    'vit_t4_32': dict(model='vit_tiny_patch16_224', img_size=32, patch_size=4),
+    'resnet18_32': dict(model='resnet18', img_size=32, cifar_stem=True),
+    'vit_micro_p4_32': dict(model='vit_tiny_patch16_224', img_size=32, patch_size=4,
+                            model_kwargs=dict(depth=2, embed_dim=64, num_heads=2)),
+}
+# CIFAR-scale settings for the 32 px configurations (SPEC.md: K = 65,536 prototypes / negatives at ImageNet scale, a
+# few thousand on small data); --method-kwargs overrides them
+SMALL_DATA_KWARGS = {'folk': dict(out_dim=4096), 'moco': dict(queue_size=4096), 'saliency_moco': dict(queue_size=4096)}
+GPU_MODELS = ('vit_s16_224', 'vit_b16_224', 'resnet50_224', 'vit_t4_32', 'resnet18_32')
+CPU_MODELS = ('vit_t4_32', 'resnet18_32')
+
+
+def default_batch(model_key: str, device: torch.device) -> int:
+    if device.type != 'cuda': return 8
+    return 128 if MODELS[model_key]['img_size'] >= 224 else 512
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+
+
+def count_flops(fn) -> int:
+    "FLOPs counted by torch's FlopCounterMode while `fn()` runs."
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+def matmul_peak(device: torch.device) -> dict:
+    "Best achieved matmul FLOP/s in this process: bf16 8192^3 on CUDA, fp32 2048^3 on CPU."
+    cuda = device.type == 'cuda'
+    n, dtype, reps = (8192, torch.bfloat16, 20) if cuda else (2048, torch.float32, 2)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2): a @ b
+    sync(device)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps): a @ b
+        sync(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+    return dict(peak_flops=best, peak_dtype=str(dtype).replace('torch.', ''), peak_n=n)
+
+
+@lru_cache(maxsize=4)
+def _sample_uint8(size: int):
+    from folk_nb.data import dataset_tensors
+    return dataset_tensors('samples', size=size)
+
+
+def make_batch(recipe: str, size: int, batch: int, device: torch.device, seed: int = 0) -> dict:
+    "One loader batch (views of the method's recipe) made on the device from the embedded sample pictures."
+    from folk_nb.data import GPUDataLoader
+    t = _sample_uint8(size)
+    loader = GPUDataLoader(t['images'], t['targets'], views=recipe, batch_size=batch, epoch_size=batch, device=device,
+                           size=size, seed=seed)
+    return next(iter(loader))
+
+
+class _OneBatch:
+    "What the Trainer needs of a loader (len, batch_size, set_epoch); the benchmark calls train_step directly."
+    def __init__(self, batch, batch_size): self.batch, self.batch_size = batch, batch_size
+    def __len__(self): return 1
+    def set_epoch(self, epoch): pass
+    def __iter__(self): yield self.batch
+
+
+def timed(fn, warmup: int, steps: int, device: torch.device) -> tuple:
+    "Mean seconds per call over `steps` calls after `warmup`, and the peak CUDA memory of the timed calls (bytes)."
+    for _ in range(warmup): fn()
+    sync(device)
+    if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for _ in range(steps): fn()
+    sync(device)
+    dt = (time.perf_counter() - t) / steps
+    return dt, (torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None)
+
+
+def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: int, device: torch.device,
+              amp: str = 'auto', compile: bool = False, peak_flops: float = None, method_kwargs: dict = None) -> dict:
+    "Measure one method x model; returns a row with status 'ok', 'skipped: ...', 'oom' or 'error: ...'."
+    from folk_nb.trainer import Trainer, TrainConfig, DistInfo
+    cfg = MODELS[model_key]
+    row = dict(method=method_name, model=model_key, timm_model=cfg['model'], img_size=cfg['img_size'], batch=batch)
+    small = SMALL_DATA_KWARGS.get(method_name, {}) if cfg['img_size'] <= 64 else {}
+    kwargs = {**cfg, **small, **(method_kwargs or {})}
+    row['method_kwargs'] = {k: v for k, v in kwargs.items() if k not in cfg}
+    if method_name == 'famt': kwargs.setdefault('num_images', len(_sample_uint8(cfg['img_size'])['images']))
+    try:
+        method = create_method(method_name, **kwargs)
+    except (ImportError, AttributeError) as e:
+        return dict(row, status=f'skipped: module not available ({type(e).__name__}: {e})')
+    except (ValueError, TypeError) as e:
+        return dict(row, status=f'skipped: {str(e)[:160]}')
+    method.to(device).train()
+    try:
+        b = make_batch(method.recipe, cfg['img_size'], batch, device)
+        # FLOPs: one fp32 forward + backward
+        flops = count_flops(lambda: method(b)['loss'].backward())
+        method.zero_grad(set_to_none=True)
+        row['flops_per_img'] = flops / batch
+        row['params_m'] = sum(p.numel() for p in method.parameters() if p.requires_grad) / 1e6
+        # the trainer's step
+        with tempfile.TemporaryDirectory() as tmp:
+            tc = TrainConfig(amp=amp, compile=compile, out_dir=tmp, progress=False, max_steps=10 ** 6)
+            trainer = Trainer(method, _OneBatch(b, batch), tc, dist_info=DistInfo(device=device))
+            dt, mem = timed(lambda: trainer.train_step(b), warmup, steps, device)
+            del trainer
+        # the plain eager fp32 step
+        opt = torch.optim.AdamW(method.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
+
+        def plain():
+            method.schedule(0, 10 ** 6)
+            method(b)['loss'].backward()
+            nn.utils.clip_grad_norm_(method.parameters(), 3.0)
+            opt.step(); opt.zero_grad(set_to_none=True)
+            method.after_optimizer_step()
+        dt_plain, mem_plain = timed(plain, warmup, steps, device)
+    except torch.cuda.OutOfMemoryError:
+        return dict(row, status='oom')
+    except Exception as e:  # one broken method must not end the whole matrix
+        traceback.print_exc()
+        return dict(row, status=f'error: {type(e).__name__}: {str(e)[:200]}')
+    finally:
+        if device.type == 'cuda': torch.cuda.empty_cache()
+    row.update(status='ok', step_ms=dt * 1e3, img_per_s=batch / dt, peak_mem_gb=None if mem is None else mem / 2 ** 30,
+               achieved_tflops=row['flops_per_img'] * batch / dt / 1e12, plain_step_ms=dt_plain * 1e3,
+               plain_img_per_s=batch / dt_plain, plain_peak_mem_gb=None if mem_plain is None else mem_plain / 2 ** 30,
+               speedup=dt_plain / dt)
+    if peak_flops:
+        row['mfu'] = row['flops_per_img'] * row['img_per_s'] / peak_flops
+        row['plain_mfu'] = row['flops_per_img'] * row['plain_img_per_s'] / peak_flops
+    return row
+
+
+def describe(device: torch.device) -> str:
+    if device.type == 'cuda': return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def fmt(v, spec):
+    return '-' if v is None else format(v, spec)
+
+
+def print_table(rows: list, peak: dict) -> None:
+    print(f"\npeak {peak['peak_dtype']} matmul ({peak['peak_n']}^3): {peak['peak_flops'] / 1e12:.2f} TFLOP/s")
+    head = (f"{'method':<14}{'model':<14}{'batch':>6}{'img/s':>10}{'ms/step':>10}{'mem GB':>8}{'GFLOP/img':>11}"
+            f"{'TFLOP/s':>9}{'MFU':>7}{'plain img/s':>13}{'speedup':>9}")
+    print(head); print('-' * len(head))
+    for r in rows:
+        if r['status'] != 'ok':
+            print(f"{r['method']:<14}{r['model']:<14}{r['batch']:>6}  {r['status'][:80]}"); continue
+        print(f"{r['method']:<14}{r['model']:<14}{r['batch']:>6}{r['img_per_s']:>10.1f}{r['step_ms']:>10.1f}"
+              f"{fmt(r['peak_mem_gb'], '8.2f'):>8}{r['flops_per_img'] / 1e9:>11.2f}{r['achieved_tflops']:>9.3f}"
+              f"{fmt(r.get('mfu') and 100 * r['mfu'], '6.1f'):>6}%{r['plain_img_per_s']:>13.1f}{r['speedup']:>8.2f}x")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    ap.add_argument('--methods', default=','.join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    ap.add_argument('--models', default=None, help=f"comma-separated, from {', '.join(MODELS)}")
+    ap.add_argument('--steps', type=int, default=None, help='timed steps (default 20 on CUDA, 2 on CPU)')
+    ap.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 5 on CUDA, 1 on CPU)')
+    ap.add_argument('--batch', type=int, default=None, help='images per step (default 128 at 224 px, 512 at 32 px; CPU 8)')
+    ap.add_argument('--amp', choices=('auto', 'bf16', 'off'), default='auto', help="trainer's autocast (auto: bf16 on CUDA)")
+    ap.add_argument('--compile', action='store_true', help='torch.compile the trainer step (not the plain one)')
+    ap.add_argument('--method-kwargs', default='{}', help='JSON dict of extra method arguments, e.g. \'{"queue_size": 4096}\'')
+    ap.add_argument('--no-save', action='store_true', help=f'do not append to {RESULTS.relative_to(RESULTS.parents[2])}')
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available(): ap.error('--device cuda but CUDA is not available')
+    cuda = device.type == 'cuda'
+    methods = [m for m in args.methods.split(',') if m]
+    models = args.models.split(',') if args.models else list(GPU_MODELS if cuda else CPU_MODELS)
+    for m in methods:
+        if m not in METHODS: ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for m in models:
+        if m not in MODELS: ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    steps = args.steps or (20 if cuda else 2)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    method_kwargs = json.loads(args.method_kwargs)
+
+    load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    peak = matmul_peak(device)
+    print(f"device {describe(device)}; torch {torch.__version__}; amp {args.amp}; compile {args.compile}; "
+          f"{warmup} warm-up + {steps} timed steps")
+    rows = []
+    for name in methods:
+        for model_key in models:
+            batch = args.batch or default_batch(model_key, device)
+            t = time.perf_counter()
+            row = bench_one(name, model_key, batch, steps, warmup, device, args.amp, args.compile, peak['peak_flops'],
+                            method_kwargs)
+            what = f"{row['img_per_s']:.1f} img/s" if row['status'] == 'ok' else row['status']
+            print(f"  {name} x {model_key}: {what} ({time.perf_counter() - t:.0f} s)", flush=True)
+            rows.append(row)
+            if row['status'].startswith('skipped: module'):   # the same for every model: note it once
+                rows += [dict(row, model=m) for m in models[models.index(model_key) + 1:]]
+                break
+    load_after = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    print_table(rows, peak)
+    if load_before and os.cpu_count() and max(load_before[0], load_after[0]) > 1.5 * os.cpu_count():
+        print(f"note: the machine was busy (1-min load {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs): "
+              "these timings, the peak and the MFU are unreliable")
+    if not args.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        common = dict(bench='train_step', date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
+                      command='python ' + shlex.join(sys.argv if argv is None else ['bench/train_step.py', *argv]),
+                      device=describe(device), torch=torch.__version__, threads=torch.get_num_threads(), amp=args.amp,
+                      compile=args.compile, steps=steps, warmup=warmup, method_kwargs=method_kwargs, cpu_count=os.cpu_count(),
+                      load_avg_1min=[load_before and round(load_before[0], 2), load_after and round(load_after[0], 2)], **peak)
+        with open(RESULTS, 'a') as f:
+            for r in rows: f.write(json.dumps({**common, **r}) + '\n')
+        print(f"appended {len(rows)} rows to {RESULTS}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,514 @@
+"""folk_nb.eval against independent slow references (plain Python / numpy / libjpeg) and its properties.
+
+kNN predictions vs a per-query plain-Python vote; probes on separable and on shuffled data; few-shot subsets;
+corruptions (shape, range, identity at severity 0, monotone distortion, JPEG vs libjpeg); feature extraction from a
+dataset dict and from a loader; JSON records; checkpoint loading; `folk_nb_eval` end to end on a Trainer checkpoint.
+"""
+import importlib.util
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from folk_nb.eval import (POOLS, FeaturePool, feature_fn, extract_features, knn_predict, knn_accuracy, few_shot_indices,
+                          train_linear, evaluate_linear, linear_probe, fine_tune, CORRUPTIONS, SEVERITIES, NOISE_STD,
+                          CONTRAST, JPEG_QUALITY, corrupt, jpeg_compress, jpeg_quant_table, robustness_probe, load_method,
+                          RESULT_FIELDS, write_result, read_results, check_record, main)
+from folk_nb.models import create_backbone, normalize_images
+from folk_nb.methods import Method, METHODS, create_method
+from folk_nb.images import sample_images
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(depth=1, embed_dim=32, num_heads=2)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "Tiny tensors: one thread is faster than two fighting over a shared, busy CPU."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vit(seed=0, **kw):
+    torch.manual_seed(seed)
+    return create_backbone('vit_tiny_patch16_224', img_size=32, patch_size=8, **{**TINY, **kw})
+
+
+def clusters(n, d, c, sep=3.0, seed=0):
+    "Gaussian clusters: features (n, d), labels (n,)."
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, d, generator=g) * sep
+    y = torch.randint(0, c, (n,), generator=g)
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+def psnr(a, b):
+    return float((10 * torch.log10(1 / ((a.double() - b.double()) ** 2).mean((1, 2, 3)).clamp_min(1e-20))).mean())
+
+
+# ------------------------------------------------------------------------------------------------ kNN
+def knn_reference(train_f, train_y, test_f, k, temperature):
+    "Per query: cosine to every training point (float64), k best, weighted votes in a dict; smallest class on ties."
+    tr = np.asarray(train_f, dtype=np.float64)
+    tr = tr / np.linalg.norm(tr, axis=1, keepdims=True)
+    preds, ambiguous = [], []
+    for q in np.asarray(test_f, dtype=np.float64):
+        q = q / np.linalg.norm(q)
+        sims = [(float(np.dot(q, t)), i) for i, t in enumerate(tr)]
+        sims.sort(key=lambda s: -s[0])
+        kk = min(k, len(sims))
+        votes = {}
+        for s, i in sims[:kk]:
+            votes[int(train_y[i])] = votes.get(int(train_y[i]), 0.0) + math.exp(s / temperature)
+        best = max(votes.values())
+        winners = sorted(c for c, v in votes.items() if v == best)
+        preds.append(winners[0])
+        ranked = sorted(votes.values(), reverse=True)
+        close_vote = len(ranked) > 1 and ranked[0] - ranked[1] < 1e-4 * ranked[0]
+        close_cut = kk < len(sims) and sims[kk - 1][0] - sims[kk][0] < 1e-5
+        ambiguous.append(close_vote or close_cut)
+    return np.array(preds), np.array(ambiguous)
+
+
+@pytest.mark.parametrize('n,m,d,c,k,t', [(60, 25, 8, 3, 10, 0.1), (40, 20, 5, 4, 200, 0.1),   # k > N: all vote
+                                         (80, 30, 16, 5, 25, 0.5), (30, 10, 4, 2, 1, 0.07)])
+def test_knn_matches_plain_python_reference(n, m, d, c, k, t):
+    g = torch.Generator().manual_seed(n + k)
+    ftr, fte = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+    # unbalanced classes so that k exceeds the size of some classes
+    ytr = torch.tensor(np.random.default_rng(k).choice(c, size=n, p=np.arange(1, c + 1) / np.arange(1, c + 1).sum()))
+    ref, amb = knn_reference(ftr.numpy(), ytr.numpy(), fte.numpy(), k, t)
+    got = knn_predict(ftr, ytr, fte, k=k, temperature=t, num_classes=c, chunk=7).numpy()
+    assert amb.mean() < 0.2
+    np.testing.assert_array_equal(got[~amb], ref[~amb])
+    yte = torch.randint(0, c, (m,), generator=g)
+    acc = knn_accuracy(ftr, ytr, fte, yte, k=k, temperature=t)
+    assert acc == pytest.approx(float((got == yte.numpy()).mean()))
+    if not amb.any(): assert acc == pytest.approx(float((ref == yte.numpy()).mean()))
+
+
+def test_knn_vote_ties_go_to_the_smaller_class_and_chunking_does_not_matter():
+    # every training point appears twice, with labels 2 and 1: with k = 2 the nearest pair ties
+    base = torch.randn(10, 6, generator=torch.Generator().manual_seed(0))
+    ftr = torch.cat([base, base])
+    ytr = torch.cat([torch.full((10,), 2), torch.full((10,), 1)])
+    q = base + 1e-3 * torch.randn(10, 6, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(knn_predict(ftr, ytr, q, k=2), torch.ones(10, dtype=torch.long))
+    f, y = clusters(300, 16, 5, sep=0.5, seed=3)
+    a = knn_predict(f[:200], y[:200], f[200:], k=30, chunk=1)
+    b = knn_predict(f[:200], y[:200], f[200:], k=30, chunk=4096)
+    assert torch.equal(a, b)
+
+
+def test_knn_scale_invariant_separable_and_chance():
+    f, y = clusters(1200, 32, 10, sep=3.0, seed=1)
+    acc = knn_accuracy(f[:1000], y[:1000], f[1000:], y[1000:])
+    assert acc > 0.98
+    # cosine: rescaling each feature vector changes nothing
+    s = torch.rand(1200, 1, generator=torch.Generator().manual_seed(2)) * 10 + 0.1
+    assert knn_accuracy(f[:1000] * s[:1000], y[:1000], f[1000:] * s[1000:], y[1000:]) == acc
+    g = torch.Generator().manual_seed(4)
+    fr, yr = torch.randn(3000, 32, generator=g), torch.randint(0, 10, (3000,), generator=g)
+    chance = knn_accuracy(fr[:2000], yr[:2000], fr[2000:], yr[2000:])
+    assert abs(chance - 0.1) < 0.04   # 1000 test points: binomial sd ~0.0095
+
+
+def test_knn_errors_name_the_argument():
+    f, y = clusters(20, 4, 2)
+    with pytest.raises(ValueError, match='train_labels must be class indices >= 0'):
+        knn_accuracy(f, -torch.ones(20, dtype=torch.long), f, y)
+    with pytest.raises(ValueError, match='k must be a positive integer'):
+        knn_accuracy(f, y, f, y, k=0)
+    with pytest.raises(ValueError, match='test_features must be'):
+        knn_accuracy(f, y, f[:, :3], y)
+    with pytest.raises(ValueError, match='num_classes must be an integer >= 2'):
+        knn_accuracy(f, y, f, y, num_classes=1)
+
+
+# ------------------------------------------------------------------------------------------------ probes
+def test_linear_probe_separable_and_shuffled():
+    f, y = clusters(1500, 32, 10, sep=3.0, seed=5)
+    r = linear_probe(f[:1000], y[:1000], f[1000:], y[1000:], device='cpu', min_steps=150)
+    assert r['top1'] > 0.99 and r['train_top1'] > 0.99
+    assert r['n_train'] == 1000 and r['n_test'] == 500 and r['num_classes'] == 10
+    shuffled = y[:1000][torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    r0 = linear_probe(f[:1000], shuffled, f[1000:], y[1000:], device='cpu', min_steps=150)
+    assert abs(r0['top1'] - 0.1) < 0.06   # 500 test points: binomial sd ~0.013
+
+
+def test_linear_classifier_standardises_with_train_statistics():
+    f, y = clusters(200, 8, 3, seed=6)
+    f = f * torch.arange(1, 9) * 100 + 50   # wildly different scales per dimension
+    clf = train_linear(f, y, 3, epochs=1, min_steps=5, device='cpu')
+    assert torch.allclose(clf.mean, f.mean(0)) and torch.allclose(clf.std, f.std(0, unbiased=False))
+    assert clf.training is False
+
+
+def test_few_shot_subset_is_balanced_seeded_and_the_right_size():
+    # unbalanced classes: 500, 300, 120, 7 images
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate((500, 300, 120, 7))])
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    for frac in (0.01, 0.1, 0.5, 1.0):
+        idx = few_shot_indices(y, frac, seed=1)
+        want = [max(1, math.floor(frac * n + 0.5)) for n in (500, 300, 120, 7)]
+        assert torch.bincount(y[idx], minlength=4).tolist() == want
+        assert len(idx) == sum(want) and len(set(idx.tolist())) == len(idx)
+        assert torch.equal(idx, idx.sort().values)
+        assert torch.equal(idx, few_shot_indices(y, frac, seed=1))
+    assert not torch.equal(few_shot_indices(y, 0.1, seed=1), few_shot_indices(y, 0.1, seed=2))
+    assert torch.equal(few_shot_indices(y, 1.0, seed=3), torch.arange(len(y)))
+    # a seeded subset is a uniform draw within a class: over many seeds each image of class 3 is picked ~1/7 of the time
+    picks = torch.zeros(len(y))
+    for s in range(700): picks[few_shot_indices(y, 0.1, seed=s)] += 1
+    c3 = picks[y == 3]
+    assert c3.sum() == 700 and c3.min() > 60 and c3.max() < 145   # expected 100 each
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match='label_fraction must be in'):
+            few_shot_indices(y, bad)
+
+
+def test_fewshot_probe_uses_the_subset():
+    f, y = clusters(2000, 16, 10, seed=7)
+    r = linear_probe(f[:1500], y[:1500], f[1500:], y[1500:], label_fraction=0.1, device='cpu', min_steps=100)
+    assert r['n_train'] == len(few_shot_indices(y[:1500], 0.1, 0)) and r['top1'] > 0.9
+
+
+# ------------------------------------------------------------------------------------------------ corruptions
+@pytest.fixture(scope='module')
+def pictures():
+    return sample_images(size=48)[:6]
+
+
+@pytest.mark.parametrize('kind', CORRUPTIONS)
+def test_corruption_keeps_shape_range_and_grows_with_severity(pictures, kind):
+    x = pictures
+    values = []
+    for s in SEVERITIES:
+        y = corrupt(x, kind, s, torch.Generator().manual_seed(0))
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert y.min() >= 0 and y.max() <= 1
+        values.append(psnr(y, x))
+    assert all(a > b for a, b in zip(values, values[1:])), values
+    assert corrupt(x, kind, 0) is x and corrupt(x, 'none', 3) is x
+    odd = sample_images(size=37)[:2, :, :, :30]          # odd, non-square sizes work too
+    assert corrupt(odd, kind, 2, torch.Generator().manual_seed(0)).shape == odd.shape
+
+
+def test_corruption_formulas_against_numpy(pictures):
+    x = pictures.double().float()
+    for s in SEVERITIES:   # contrast: (x - m) c + m per image, m over all its pixels and channels
+        xn = x.numpy().astype(np.float64)
+        m = xn.mean(axis=(1, 2, 3), keepdims=True)
+        ref = np.clip((xn - m) * CONTRAST[s - 1] + m, 0, 1)
+        np.testing.assert_allclose(corrupt(x, 'contrast', s).numpy(), ref, atol=1e-5)
+    flat = torch.full((4, 3, 64, 64), 0.5)   # mid grey: no clipping at severity 1 (6 sd)
+    d = corrupt(flat, 'gaussian_noise', 1, torch.Generator().manual_seed(0)) - flat
+    assert abs(d.mean().item()) < 3e-3 and abs(d.std().item() / NOISE_STD[0] - 1) < 0.02
+    a = corrupt(x, 'gaussian_noise', 3, torch.Generator().manual_seed(5))
+    assert torch.equal(a, corrupt(x, 'gaussian_noise', 3, torch.Generator().manual_seed(5)))   # seeded
+    # blur: keeps the mean of a flat image, smooths a random one
+    assert torch.allclose(corrupt(flat, 'gaussian_blur', 5), flat, atol=1e-6)
+    # blur: against a per-image numpy Gaussian (3-sigma kernel, reflect padding); sigma from ImageNet-C's 224 px
+    # values scaled by the side, at least CIFAR-10-C's
+    for side, sev in ((32, 1), (32, 5), (40, 3), (96, 4)):
+        img = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(side))
+        sigma = max((1, 2, 3, 4, 6)[sev - 1] * side / 224, (0.4, 0.6, 0.7, 0.8, 1.0)[sev - 1])
+        half = math.ceil(3 * sigma)
+        t = np.arange(-half, half + 1)
+        w = np.exp(-0.5 * (t / sigma) ** 2); w /= w.sum()
+        ref = np.empty((2, 3, side, side))
+        for i in range(2):
+            for c in range(3):
+                p = np.pad(img[i, c].double().numpy(), half, mode='reflect')
+                rows = np.stack([np.convolve(r, w, mode='valid') for r in p])           # (side + 2 half, side)
+                ref[i, c] = np.stack([np.convolve(col, w, mode='valid') for col in rows.T]).T
+        np.testing.assert_allclose(corrupt(img, 'gaussian_blur', sev).numpy(), np.clip(ref, 0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize('size', [32, 45])
+def test_jpeg_in_torch_agrees_with_libjpeg(size):
+    x = (sample_images(size=size)[:6] * 255).round() / 255
+    for q in (90, 50) + JPEG_QUALITY:
+        ours, lib = jpeg_compress(x, q), jpeg_compress(x, q, backend='torchvision')
+        assert psnr(ours, lib) > 35, q                        # far closer to libjpeg (~45 dB) than to the original (<34 dB)
+        assert abs(psnr(ours, x) - psnr(lib, x)) < 0.2, q
+    assert jpeg_quant_table(50)[0, 0] == 16 and jpeg_quant_table(100).max() == 1
+
+
+def test_corruption_errors(pictures):
+    with pytest.raises(ValueError, match='kind must be one of'):
+        corrupt(pictures, 'fog', 1)
+    with pytest.raises(ValueError, match='severity must be an integer 0..5'):
+        corrupt(pictures, 'jpeg', 6)
+    with pytest.raises(TypeError, match='floating-point'):
+        corrupt((pictures * 255).byte(), 'contrast', 1)
+
+
+# ------------------------------------------------------------------------------------------------ features
+def test_feature_pools_match_the_tokens():
+    bb = tiny_vit(reg_tokens=2).eval()
+    x = sample_images(size=32)[:3]
+    with torch.no_grad():
+        tokens = bb.forward_features(normalize_images(x))
+        P = bb.num_prefix_tokens
+        assert P == 3
+        assert torch.allclose(FeaturePool(bb, 'cls')(x), tokens[:, 0], atol=1e-6)
+        assert torch.allclose(FeaturePool(bb, 'mean')(x), tokens[:, P:].mean(1), atol=1e-6)
+        assert FeaturePool(bb, 'cls+mean')(x).shape == (3, 64)
+        gap = tiny_vit(class_token=False, global_pool='avg').eval()
+        assert torch.allclose(FeaturePool(gap, 'mean')(x), gap.pooled(normalize_images(x)), atol=1e-6)
+    with pytest.raises(ValueError, match='needs a CLS token'):
+        FeaturePool(gap, 'cls')
+
+
+def test_extract_features_from_a_dict_and_from_a_loader_agree():
+    from folk_nb.data import GPUDataLoader, ViewSpec, dataset_tensors
+    data = dataset_tensors('samples', size=32)
+    fn = FeaturePool(tiny_vit(), 'mean')
+    fn.train()
+    f1, y1 = extract_features(fn, data, 'cpu', batch_size=4)
+    assert fn.training                                   # mode restored
+    assert f1.dtype == torch.float32 and f1.shape == (14, 32) and torch.equal(y1, data['targets'])
+    f0, _ = extract_features(fn, data, 'cpu', batch_size=512)
+    assert torch.allclose(f0, f1, atol=1e-5)             # batch size does not matter
+    whole = ViewSpec(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)    # the identity view
+    loader = GPUDataLoader(data['images'], data['targets'], views=whole, batch_size=5, shuffle=False, drop_last=False)
+    f2, y2 = extract_features(fn, loader, 'cpu')
+    assert torch.equal(y2, y1) and torch.allclose(f2, f1, atol=1e-4)
+    pairs = [(data['images'][i:i + 6], data['targets'][i:i + 6]) for i in range(0, 14, 6)]   # (x uint8, y) pairs
+    f3, _ = extract_features(fn, pairs, 'cpu')
+    assert torch.allclose(f3, f1, atol=1e-5)
+    fb, _ = extract_features(fn, data, 'cpu', amp='bf16')      # bf16 autocast runs on CPU too
+    assert fb.dtype == torch.float32 and torch.allclose(fb, f1, atol=0.1)
+    # a model in eval mode: dropout off, so the features are deterministic
+    fd = FeaturePool(tiny_vit(drop_rate=0.5, proj_drop_rate=0.5), 'mean')
+    fd.train()
+    assert torch.equal(extract_features(fd, data, 'cpu')[0], extract_features(fd, data, 'cpu')[0])
+    with pytest.raises(ValueError, match="data dict must hold 'images'"):
+        extract_features(fn, {'x': data['images']}, 'cpu')
+    with pytest.raises(TypeError, match='data must be a dict'):
+        extract_features(fn, data['images'], 'cpu')
+
+
+def test_robustness_probe_table():
+    data = {'images': (sample_images(size=32) * 255).round().byte(), 'targets': torch.arange(14)}
+    fn = FeaturePool(tiny_vit(), 'mean')
+    r = robustness_probe(fn, data, data, 'cpu', kinds=('contrast', 'jpeg'), severities=(1, 5), min_steps=60)
+    assert r['clean_top1'] == 1.0
+    assert set(r['top1']) == {'contrast', 'jpeg'} and set(r['top1']['jpeg']) == {'1', '5'}
+    accs = [a for row in r['top1'].values() for a in row.values()]
+    assert r['mean_corrupted_top1'] == pytest.approx(float(np.mean(accs)))
+    assert r['top1']['contrast']['5'] <= r['top1']['contrast']['1']
+    with pytest.raises(ValueError, match='kinds must be chosen from'):
+        robustness_probe(fn, data, data, 'cpu', kinds=('fog',))
+
+
+def test_fine_tune_learns_and_leaves_the_encoder_untouched():
+    data = {'images': (sample_images(size=32) * 255).round().byte(), 'targets': torch.arange(14)}
+    bb = tiny_vit(seed=1)
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    batches = [(data['images'].float() / 255, data['targets'])] * 10
+    r = fine_tune(bb, batches, data, epochs=2, lr=1e-2, device='cpu', seed=0)
+    assert r['steps'] == 20 and 0 <= r['top1'] <= 1
+    assert r['top1'] > 0.3    # chance 1/14
+    assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------ records
+def test_result_record_round_trip(tmp_path):
+    rec = dict(method='mfm', model='vit_small_patch16_224', data='cifar10', protocol='linear', metric='top1', value=0.8123,
+               epochs=100, gpu_minutes=12.5, img_per_s=5300.0, details={'top5': 0.99, 'per_seed': [0.8, 0.81]},
+               n=np.int64(3), t=torch.tensor(0.25))
+    p = write_result(rec, tmp_path / 'results')
+    assert p.parent == tmp_path / 'results' and p.suffix == '.json'
+    assert [q.name for q in p.parent.iterdir()] == [p.name]            # no temporary file left
+    raw = json.loads(p.read_text())
+    assert all(f in raw for f in RESULT_FIELDS)
+    assert raw['git_commit'] != '' or not (REPO / '.git').exists()
+    assert raw['device'] and raw['date'].startswith('20') and raw['command']
+    back = read_results(tmp_path / 'results')
+    assert len(back) == 1
+    r = {k: v for k, v in back[0].items() if k != '_file'}
+    for k, v in rec.items():
+        if k not in ('n', 't'): assert r[k] == v
+    assert r['n'] == 3 and r['t'] == 0.25
+    write_result({**rec, 'date': '2000-01-01T00:00:00+00:00'}, tmp_path / 'results')
+    assert [x['date'][:4] for x in read_results(tmp_path / 'results')] == ['2000', raw['date'][:4]]   # sorted by date
+
+
+def test_result_record_validation(tmp_path):
+    rec = dict(method='mae', model='vit', data='cifar10', protocol='knn', metric='top1', value=0.5, epochs=None,
+               gpu_minutes=None, img_per_s=None)
+    for bad, msg in ((dict(value=float('nan')), "'value' must be a finite number"), (dict(epochs=-1), "'epochs' must be"),
+                     (dict(method=''), "'method' must be a non-empty string"), (dict(extra=float('inf')), "'extra' is inf"),
+                     (dict(extra=object()), "'extra' has type object")):
+        with pytest.raises((ValueError, TypeError), match=msg):
+            write_result({**rec, **bad}, tmp_path)
+    with pytest.raises(ValueError, match=r"lacks the required field\(s\) \['metric'\]"):
+        write_result({k: v for k, v in rec.items() if k != 'metric'}, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / 'broken.json').write_text('{not json')
+    (tmp_path / 'partial.json').write_text(json.dumps({'method': 'x'}))
+    write_result(rec, tmp_path)
+    with pytest.warns(UserWarning, match='not a valid result record'):
+        assert len(read_results(tmp_path)) == 1
+    assert read_results(tmp_path / 'nothing-here') == []
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints and CLI
+class TinyEvalMethod(Method):
+    "A stand-in method (a tiny ViT pulled towards small features), used whatever method modules exist."
+    name, recipe = 'tiny_eval_test', 'mae'
+
+    def __init__(self, model='vit_tiny_patch16_224', img_size=32, patch_size=8):
+        super().__init__(model=model, img_size=img_size, patch_size=patch_size)
+        self.backbone = create_backbone(model, img_size, patch_size, **TINY)
+
+    def forward(self, batch):
+        return dict(loss=self.backbone(normalize_images(batch['views'][0])).pow(2).mean())
+
+
+@pytest.fixture
+def tiny_registered(monkeypatch):
+    monkeypatch.setitem(METHODS, 'tiny_eval_test', (__name__, 'TinyEvalMethod'))
+    monkeypatch.setitem(sys.modules, __name__, sys.modules[__name__])
+
+
+def train_checkpoint(method, out, steps_epochs=1):
+    from folk_nb.trainer import Trainer, TrainConfig
+    from folk_nb.data import create_loader
+    loader = create_loader('samples', recipe=method.recipe, size=32, batch_size=7, device='cpu', epoch_size=14)
+    Trainer(method, loader, TrainConfig(epochs=steps_epochs, progress=False, out_dir=str(out), lr=1e-3)).fit()
+    return out / 'checkpoints' / 'last.pt'
+
+
+def test_load_method_refuses_what_is_not_a_checkpoint(tmp_path):
+    (tmp_path / 'junk.pt').write_bytes(b'\x00not a checkpoint')
+    with pytest.raises(ValueError, match='not a readable checkpoint'):
+        load_method(tmp_path / 'junk.pt')
+    torch.save({'weights': torch.ones(2)}, tmp_path / 'plain.pt')
+    with pytest.raises(ValueError, match='not a folk_nb checkpoint'):
+        load_method(tmp_path / 'plain.pt')
+    torch.save({'format': 'folk_nb.checkpoint/1', 'step': 3}, tmp_path / 'partial.pt')
+    with pytest.raises(ValueError, match=r"lacks \['method', 'method_config', 'model'\]"):
+        load_method(tmp_path / 'partial.pt')
+    with pytest.raises(FileNotFoundError, match='checkpoint not found'):
+        load_method(tmp_path / 'absent.pt')
+
+
+def test_load_method_restores_the_trained_weights(tmp_path, tiny_registered):
+    torch.manual_seed(0)
+    m = create_method('tiny_eval_test')
+    ckpt = train_checkpoint(m, tmp_path / 'run')
+    back = load_method(ckpt, 'cpu')
+    assert type(back).__name__ == 'TinyEvalMethod' and not back.training
+    for (k, a), (_, b) in zip(m.state_dict().items(), back.state_dict().items()): assert torch.equal(a, b), k
+    assert back.checkpoint_info['step'] == 2 and back.checkpoint_info['epochs_done'] == 1
+    x = sample_images(size=32)[:2]
+    m.eval()
+    assert torch.allclose(m.embed(x), back.embed(x))
+    # a checkpoint whose weights do not fit its own config is refused clearly
+    state = torch.load(ckpt, weights_only=True)
+    state['method_config'] = {**state['method_config'], 'patch_size': 4}
+    torch.save(state, tmp_path / 'mismatch.pt')
+    with pytest.raises(ValueError, match='does not match method'):
+        load_method(tmp_path / 'mismatch.pt')
+
+
+def test_cli_end_to_end_on_a_trainer_checkpoint(tmp_path, tiny_registered, capsys):
+    ckpt = train_checkpoint(create_method('tiny_eval_test'), tmp_path / 'run')
+    out = tmp_path / 'results'
+    common = ['--checkpoint', str(ckpt), '--data', 'samples', '--out', str(out), '--device', 'cpu', '--epochs', '5',
+              '--min-steps', '40']
+    assert main(common + ['--protocol', 'knn']) == 0
+    assert main(common + ['--protocol', 'linear', '--pool', 'mean']) == 0
+    assert main(common + ['--protocol', 'fewshot', '--fractions', '0.5', '--seeds', '0', '1']) == 0
+    assert main(common + ['--protocol', 'robustness', '--kinds', 'contrast', '--severities', '1', '5']) == 0
+    text = capsys.readouterr().out
+    assert 'kNN (k=200, T=0.1) top-1: 1.0000' in text and 'linear probe top-1' in text and 'clean top-1' in text
+    recs = {r['protocol']: r for r in read_results(out)}
+    assert sorted(recs) == ['fewshot', 'knn', 'linear', 'robustness'] and len(list(out.iterdir())) == 4
+    for r in recs.values():
+        assert all(f in r for f in RESULT_FIELDS)
+        assert r['method'] == 'tiny_eval_test' and r['model'] == 'vit_tiny_patch16_224' and r['data'] == 'samples'
+        assert r['epochs'] == 1 and r['steps'] == 2 and r['img_per_s'] > 0
+        assert r['gpu_minutes'] is None                       # trained on the CPU
+        assert r['command'].startswith('folk_nb_eval --checkpoint')
+        assert 0 <= r['value'] <= 1
+    assert recs['knn']['value'] == 1.0                        # samples: train = test, one picture per class
+    assert recs['linear']['pool'] == 'mean' and recs['knn']['pool'] == 'default'
+    assert recs['fewshot']['label_fraction'] == 0.5 and len(recs['fewshot']['per_seed']) == 2
+    assert set(recs['robustness']['top1']['contrast']) == {'1', '5'}
+    n = len(list(out.iterdir()))
+    assert main(common + ['--protocol', 'knn', '--no-write']) == 0 and len(list(out.iterdir())) == n
+
+
+def test_cli_random_init_baseline(tmp_path, tiny_registered):
+    out = tmp_path / 'results'
+    args = ['--random-init', 'tiny_eval_test', '--method-config', '{"patch_size": 4}', '--data', 'samples',
+            '--out', str(out), '--device', 'cpu', '--protocol', 'knn', '--seeds', '3']
+    assert main(args) == 0
+    (r,) = read_results(out)
+    assert r['epochs'] == 0 and r['steps'] == 0 and r['random_init'] is True and r['checkpoint'] is None
+    assert r['method_config']['patch_size'] == 4 and r['gpu_minutes'] is None and r['img_per_s'] is None
+    # seeded: the same weights give the same record value; the global RNG is left alone
+    state = torch.get_rng_state()
+    assert main(args) == 0 and torch.equal(state, torch.get_rng_state())
+    assert len({r['value'] for r in read_results(out)}) == 1
+    with pytest.raises(SystemExit):   # one source only
+        main(['--random-init', 'tiny_eval_test', '--checkpoint', 'x.pt', '--data', 'samples'])
+
+
+def real_method_configs():
+    "Tiny configs of the real methods whose modules import (skipped otherwise)."
+    vit = dict(model='vit_tiny_patch16_224', img_size=32, patch_size=8, model_kwargs=dict(TINY))
+    return [('mae', dict(vit, decoder_dim=32, decoder_depth=1, decoder_heads=2)), ('mfm', vit)]
+
+
+@pytest.mark.parametrize('name,config', real_method_configs())
+def test_cli_on_a_real_method(tmp_path, name, config):
+    try: m = create_method(name, **config)
+    except (ImportError, AttributeError) as e: pytest.skip(f"method {name!r} not available yet ({e})")
+    ckpt = train_checkpoint(m, tmp_path / 'run')
+    assert main(['--checkpoint', str(ckpt), '--data', 'samples', '--out', str(tmp_path / 'res'), '--device', 'cpu',
+                 '--protocol', 'knn']) == 0
+    (r,) = read_results(tmp_path / 'res')
+    assert r['method'] == name and r['method_config'] == json.loads(json.dumps(m.config)) and r['value'] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ benchmark helpers
+def load_bench():
+    spec = importlib.util.spec_from_file_location('bench_train_step', REPO / 'bench' / 'train_step.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_flop_count_matches_the_formula():
+    bench = load_bench()
+    lin = nn.Linear(64, 32)
+    x = torch.randn(16, 64, requires_grad=True)
+    # forward 2*B*in*out, backward: grad of input and of weight, 2*B*in*out each
+    assert bench.count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * 16 * 64 * 32
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    xc = torch.randn(2, 3, 10, 10)                         # input needs no grad: forward + weight grad only
+    assert bench.count_flops(lambda: conv(xc).sum().backward()) == 2 * (2 * 2 * 10 * 10 * 8 * 3 * 9)
+
+
+def test_bench_runs_one_tiny_config():
+    bench = load_bench()
+    try: create_method('mfm', model='vit_tiny_patch16_224', img_size=32, patch_size=4)
+    except (ImportError, AttributeError) as e: pytest.skip(f"method 'mfm' not available yet ({e})")
+    row = bench.bench_one('mfm', 'vit_micro_p4_32', batch=4, steps=1, warmup=1, device=torch.device('cpu'),
+                          amp='auto', compile=False, peak_flops=1e12)
+    assert row['status'] == 'ok', row
+    assert row['flops_per_img'] > 0 and row['img_per_s'] > 0 and row['plain_img_per_s'] > 0
+    assert row['mfu'] == pytest.approx(row['flops_per_img'] * row['img_per_s'] / 1e12)
