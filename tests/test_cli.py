@@ -76,3 +76,12 @@ def test_console_script_help_documents_every_option():
     assert r.returncode == 0
     for opt in ('--method', '--model', '--data', '--epochs', '--max-steps', '--batch-size', '--out', '--resume', '--config'):
         assert opt in r.stdout
+
+
+def test_console_script_exits_zero_after_a_run(tmp_path):
+    exe = Path(sys.executable).parent / 'folk_nb_pretrain'
+    argv = ['--method', 'mfm', '--data', 'samples', '--img-size', '32', '--batch-size', '8', '--epoch-size', '16',
+            '--max-steps', '1', '--out', str(tmp_path), '--no-progress', '--device', 'cpu', *TINY['mfm']]
+    r = subprocess.run([str(exe), *argv], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / 'checkpoints' / 'last.pt').exists()

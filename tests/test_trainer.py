@@ -136,3 +136,11 @@ def test_config_json_and_summary_are_written(tmp_path):
     cfg = json.loads((tmp_path / 'config.json').read_text())
     assert cfg['method'] == 'noisy_toy' and cfg['train_config']['max_steps'] == 3 and cfg['command'] == 'test'
     assert json.loads((tmp_path / 'summary.json').read_text())['steps'] == 3 == s['steps']
+
+
+def test_run_ending_on_an_epoch_boundary_counts_the_epoch(tmp_path):
+    s = Trainer(NoisyToy(), FixedLoader(), config(tmp_path, epochs=2)).fit()     # 4 batches per epoch, 8 steps
+    ckpt = load_checkpoint(tmp_path / 'checkpoints' / 'last.pt')
+    assert (s['epochs'], ckpt['epoch'], ckpt['batch_in_epoch']) == (2, 2, 0)
+    s = Trainer(NoisyToy(), FixedLoader(), config(tmp_path, epochs=3)).resume().fit()   # a longer schedule continues
+    assert s['steps'] == 12 and s['epochs'] == 3
