@@ -568,18 +568,10 @@ def load_method(
     checkpoint_path,    # a checkpoint written by `folk_nb.trainer.Trainer` (e.g. runs/x/checkpoints/last.pt)
     device='cpu',       # where the method goes
 ):                      # the `Method`, in eval mode, with `checkpoint_info`
-    "Rebuild a pre-training method from a trainer checkpoint (weights_only load)."
-    from folk_nb.trainer import load_checkpoint
-    from folk_nb.methods import create_method
+    "Rebuild a pre-training method from a trainer checkpoint (weights_only load), with facts about its training."
+    from folk_nb.methods import method_from_checkpoint
     path = Path(checkpoint_path)
-    ckpt = load_checkpoint(path, map_location='cpu')
-    missing = [k for k in ('method', 'method_config', 'model') if k not in ckpt]
-    if missing: raise ValueError(f"checkpoint '{path}' lacks {missing}: it was not written by folk_nb.trainer.Trainer")
-    method = create_method(ckpt['method'], **ckpt['method_config'])
-    try: method.load_state_dict(ckpt['model'])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint '{path}' does not match method {ckpt['method']!r} built from its own config "
-                         f"({str(e)[:300]})") from None
+    method, ckpt = method_from_checkpoint(path)
     method.checkpoint_info = dict(path=str(path), step=ckpt.get('step'), epoch=ckpt.get('epoch'), epochs_done=_epochs_done(ckpt),
                                   total_steps=ckpt.get('total_steps'), train_config=ckpt.get('train_config', {}),
                                   world_size=ckpt.get('world_size', 1))

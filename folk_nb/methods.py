@@ -9,7 +9,7 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['METHODS', 'Method', 'method_class', 'create_method']
+__all__ = ['METHODS', 'Method', 'method_class', 'create_method', 'method_from_checkpoint']
 
 # %% ../nbs/30_methods.ipynb #d29fec40
 class Method(nn.Module):
@@ -72,3 +72,27 @@ def create_method(
 ) -> Method:
     "Build a pre-training method by name."
     return method_class(name)(**config)
+
+# %% ../nbs/30_methods.ipynb #91b4b7c9
+def method_from_checkpoint(
+    path,                 # a checkpoint written by `folk_nb.trainer.Trainer`
+    map_location='cpu',   # where the weights go
+    names=None,           # method names accepted (None: any), checked before anything is built
+) -> tuple:               # (the method in eval mode, the checkpoint dict)
+    "Rebuild the method a trainer checkpoint holds, with its weights."
+    from pathlib import Path
+    from folk_nb.trainer import load_checkpoint
+    if not isinstance(path, (str, Path)): raise TypeError(f"path must be a checkpoint file path, got {type(path).__name__}")
+    ckpt = load_checkpoint(path, map_location=map_location)
+    missing = [k for k in ('method', 'method_config', 'model') if k not in ckpt]
+    if missing: raise ValueError(f"checkpoint '{path}' lacks {missing}: it was not written by folk_nb.trainer.Trainer")
+    name = ckpt['method']
+    if names is not None and name not in names:
+        raise ValueError(f"checkpoint '{path}' is a {name!r} checkpoint; expected one of: {', '.join(names)}")
+    try: method = create_method(name, **ckpt['method_config'])
+    except TypeError as e: raise ValueError(f"checkpoint '{path}': cannot rebuild the {name!r} method from its saved config ({e})") from None
+    try: method.load_state_dict(ckpt['model'])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint '{path}' does not match method {name!r} built from its own config: the saved weights "
+                         f"do not fit ({str(e).strip().splitlines()[0][:300]})") from None
+    return method.eval(), ckpt

@@ -41,16 +41,8 @@ def vit_from_checkpoint(
     path,  # a checkpoint written by `folk_nb.trainer.Trainer` (e.g. runs/x/checkpoints/last.pt)
 ) -> nn.Module:  # the timm ViT of the method stored in it, with its trained weights
     "Rebuild the method of a trainer checkpoint and return its timm ViT."
-    from folk_nb.trainer import load_checkpoint
-    from folk_nb.methods import create_method
-    ckpt = load_checkpoint(path, map_location='cpu')
-    missing = [k for k in ('method', 'method_config', 'model') if k not in ckpt]
-    if missing: raise ValueError(f"checkpoint '{path}' lacks {missing}: it was not written by folk_nb.trainer.Trainer")
-    method = create_method(ckpt['method'], **ckpt['method_config'])
-    try: method.load_state_dict(ckpt['model'])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint '{path}' does not match method {ckpt['method']!r} built from its own config "
-                         f"({str(e)[:200]})") from None
+    from folk_nb.methods import method_from_checkpoint
+    method, ckpt = method_from_checkpoint(path)
     return as_vit(method, name=f"the {ckpt['method']!r} model of checkpoint '{Path(path).name}'")
 
 # %% ../nbs/13_patch_explorer.ipynb #ef580f61

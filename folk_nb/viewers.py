@@ -18,7 +18,7 @@ from .images import sample_names, load_sample, load_image, to_uint8_image
 from .spectrum import amplitude, fft_image, filter_image, radial_frequency, check_images
 from .freq_masks import default_mfm_radius
 from .spectrum_explorer import MASK_KINDS, make_keep_mask, ExplorerBox
-from .methods import Method, create_method
+from .methods import Method, create_method, method_from_checkpoint
 from .trainer import load_checkpoint
 from .models import normalize_images
 from .mfm import mfm_reconstruct, mfm_outputs
@@ -220,20 +220,8 @@ def load_method(
     map_location='cpu',      # where the weights go
 ) -> tuple:                  # (method in eval mode, info: path, method, step, total_steps)
     "Rebuild a method from a folk_nb checkpoint, with a clear error for anything that does not fit."
-    if not isinstance(path, (str, Path)): raise TypeError(f"path must be a checkpoint file path, got {type(path).__name__}")
-    ckpt = load_checkpoint(path, map_location)
-    name, config = ckpt.get('method'), ckpt.get('method_config')
-    if names is not None and name not in names:
-        raise ValueError(f"'{path}' is a {name!r} checkpoint; this viewer shows {', '.join(names)}")
-    if not isinstance(config, dict) or not isinstance(ckpt.get('model'), dict):
-        raise ValueError(f"'{path}' lacks the method_config / model entries of a folk_nb checkpoint")
-    try: method = create_method(name, **config)
-    except TypeError as e: raise ValueError(f"'{path}': cannot rebuild the {name!r} method from its saved config ({e})") from None
-    try: method.load_state_dict(ckpt['model'])
-    except RuntimeError as e:
-        raise ValueError(f"'{path}': the saved weights do not fit the {name!r} model its config describes "
-                         f"({str(e).strip().splitlines()[0][:300]})") from None
-    return method.eval(), dict(path=str(path), method=name, step=ckpt.get('step'), total_steps=ckpt.get('total_steps'))
+    method, ckpt = method_from_checkpoint(path, map_location, names)
+    return method, dict(path=str(path), method=method.name, step=ckpt.get('step'), total_steps=ckpt.get('total_steps'))
 
 # %% ../nbs/50_viewers.ipynb #0094ef73
 def error_html(
