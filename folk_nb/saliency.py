@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .spectrum import check_images
+from .patch_masks import _check_generator   # the same generator check as the patch masks (notebook 10)
 from .models import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 # %% auto #0
@@ -43,19 +44,6 @@ def _check_ratio_range(
     if not (0.0 <= lo <= hi <= 1.0):
         raise ValueError(f"ratio_range must satisfy 0 <= low <= high <= 1, got {ratio_range!r}")
     return lo, hi
-
-def _check_generator(
-    generator,  # candidate random source
-    device,     # device the random numbers are drawn on
-) -> None:
-    "Raise unless `generator` is None or a torch.Generator on `device`'s type."
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if torch.device(generator.device).type != torch.device(device).type:
-        raise ValueError(f"generator must live on the same device type as the data ('{torch.device(device).type}'), "
-                         f"got a generator on '{generator.device}'")
 
 # %% ../nbs/12_saliency.ipynb #275ece9d
 def gaussian_blur(
