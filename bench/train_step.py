@@ -2,7 +2,7 @@
 trainer's step over a plain eager fp32 step, all measured in one run.
 
     python bench/train_step.py [--device cpu|cuda] [--methods mae,mfm,...] [--models vit_t4_32,resnet18_32,...]
-                               [--steps N] [--warmup N] [--batch N] [--amp auto|bf16|off] [--compile] [--no-save]
+                               [--steps N] [--warmup N] [--batch N] [--amp auto|bf16|off] [--compile] [--at F] [--no-save]
 
 For every method x model:
 - **the trainer's step**: `folk_nb.trainer.Trainer.train_step` on one fixed batch of augmented views (the method's
@@ -18,6 +18,10 @@ For every method x model:
 - **plain**: the same step in eager fp32 (no autocast, no compile, `torch.optim.AdamW` with its defaults), and the
   speed-up of the trainer's step over it. On CPU the trainer's step is fp32 and unfused too (its optimisations are for
   CUDA), so the speed-up there is ~1 up to noise;
+- `--at F` sets the methods' schedules to the fraction F of a run before timing (default 0, the first step). FAMT
+  masks randomly (75%) until its first attention refresh at 10% of the schedule, so `--at 0.5` measures its
+  steady state: masking 45% and throwing 40% of the patches, with the attention of the (fixed) batch refreshed
+  during the warm-up steps;
 - the machine's 1-minute load average before and after (`load_avg_1min`): a shared, busy machine makes every timing
   above unreliable, and the script says so.
 
@@ -126,11 +130,12 @@ def timed(fn, warmup: int, steps: int, device: torch.device) -> tuple:
 
 
 def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: int, device: torch.device,
-              amp: str = 'auto', compile: bool = False, peak_flops: float = None, method_kwargs: dict = None) -> dict:
+              amp: str = 'auto', compile: bool = False, peak_flops: float = None, method_kwargs: dict = None,
+              at: float = 0.0) -> dict:
     "Measure one method x model; returns a row with status 'ok', 'skipped: ...', 'oom' or 'error: ...'."
     from folk_nb.trainer import Trainer, TrainConfig, DistInfo
     cfg = MODELS[model_key]
-    row = dict(method=method_name, model=model_key, timm_model=cfg['model'], img_size=cfg['img_size'], batch=batch)
+    row = dict(method=method_name, model=model_key, timm_model=cfg['model'], img_size=cfg['img_size'], batch=batch, at=at)
     small = SMALL_DATA_KWARGS.get(method_name, {}) if cfg['img_size'] <= 64 else {}
     kwargs = {**cfg, **small, **(method_kwargs or {})}
     row['method_kwargs'] = {k: v for k, v in kwargs.items() if k not in cfg}
@@ -142,8 +147,11 @@ def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: 
     except (ValueError, TypeError) as e:
         return dict(row, status=f'skipped: {str(e)[:160]}')
     method.to(device).train()
+    if at: method.schedule(int(at * 10 ** 6), 10 ** 6)       # the schedule's state at that point of a run
     try:
         b = make_batch(method.recipe, cfg['img_size'], batch, device)
+        if at:                                               # e.g. FAMT's attention refresh of this batch: not counted
+            with torch.no_grad(): method(b)
         # FLOPs: one fp32 forward + backward
         flops = count_flops(lambda: method(b)['loss'].backward())
         method.zero_grad(set_to_none=True)
@@ -215,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument('--amp', choices=('auto', 'bf16', 'off'), default='auto', help="trainer's autocast (auto: bf16 on CUDA)")
     ap.add_argument('--compile', action='store_true', help='torch.compile the trainer step (not the plain one)')
     ap.add_argument('--method-kwargs', default='{}', help='JSON dict of extra method arguments, e.g. \'{"queue_size": 4096}\'')
+    ap.add_argument('--at', type=float, default=0.0, help='schedule position (fraction of a run) to measure at, e.g. 0.5')
     ap.add_argument('--no-save', action='store_true', help=f'do not append to {RESULTS.relative_to(RESULTS.parents[2])}')
     args = ap.parse_args(argv)
 
@@ -241,7 +250,7 @@ def main(argv=None) -> int:
             batch = args.batch or default_batch(model_key, device)
             t = time.perf_counter()
             row = bench_one(name, model_key, batch, steps, warmup, device, args.amp, args.compile, peak['peak_flops'],
-                            method_kwargs)
+                            method_kwargs, args.at)
             what = f"{row['img_per_s']:.1f} img/s" if row['status'] == 'ok' else row['status']
             print(f"  {name} x {model_key}: {what} ({time.perf_counter() - t:.0f} s)", flush=True)
             rows.append(row)

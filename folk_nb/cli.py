@@ -49,12 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('schedule')
     g.add_argument('--epochs', type=int, default=1)
     g.add_argument('--max-steps', type=int, help='stop after this many steps (also the schedule length)')
+    g.add_argument('--time-budget', type=float, metavar='MINUTES', help='training-time budget: the schedule is sized to '
+                   'the steps that fit (timed on 20 calibration steps) and the run stops when it is spent; '
+                   '--epochs / --max-steps still cap it')
     g.add_argument('--batch-size', type=int, default=64, help='images per step per process')
     g.add_argument('--lr', type=float, help='absolute peak learning rate (default: base-lr * global batch / 512)')
     g.add_argument('--base-lr', type=float, default=1.5e-4)
     g.add_argument('--min-lr', type=float, default=0.0)
     g.add_argument('--warmup-steps', type=int, help='default: 5%% of the schedule')
     g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--optimizer', choices=('adamw', 'sgd'), default='adamw', help="AdamW (ViT recipes) or SGD with momentum 0.9 (MoCo / ResNet recipes)")
     g.add_argument('--clip-grad', type=float, default=3.0)
     g = p.add_argument_group('run')
     g.add_argument('--out', help='output folder (default: runs/<method>-<model>-<data>)')
@@ -102,6 +106,8 @@ def parse_args(argv=None) -> dict:
     if args['method'] is None: parser.error(f"--method is required (one of {', '.join(METHOD_NAMES)})")
     for k in ('epochs', 'batch_size', 'max_steps', 'epoch_size', 'log_every', 'ckpt_every'):
         if args[k] is not None and args[k] < 1: parser.error(f"--{k.replace('_', '-')} must be >= 1, got {args[k]}")
+    if args['time_budget'] is not None and not args['time_budget'] > 0:
+        parser.error(f"--time-budget must be a positive number of minutes, got {args['time_budget']}")
     return args
 
 # %% ../nbs/41_cli.ipynb #304ff097
@@ -159,8 +165,8 @@ def run_pretrain(args: dict) -> dict:
         size = a['img_size']
         knn = tuple(dataset_tensors(a['data'], split, a['data_root'], size=size if a['data'] != 'cifar10' else None,
                                     archive=a['archive']) for split in ('train', 'test'))
-    cfg = TrainConfig(epochs=a['epochs'], max_steps=a['max_steps'], base_lr=a['base_lr'], lr=a['lr'], min_lr=a['min_lr'],
-                      warmup_steps=a['warmup_steps'], weight_decay=a['weight_decay'], clip_grad=a['clip_grad'] or None,
+    cfg = TrainConfig(epochs=a['epochs'], max_steps=a['max_steps'], time_budget_min=a['time_budget'], base_lr=a['base_lr'], lr=a['lr'], min_lr=a['min_lr'],
+                      warmup_steps=a['warmup_steps'], weight_decay=a['weight_decay'], optimizer=a['optimizer'], clip_grad=a['clip_grad'] or None,
                       amp=a['amp'], compile=a['compile'], seed=a['seed'], deterministic=a['deterministic'],
                       out_dir=str(out), log_every=a['log_every'], ckpt_every=a['ckpt_every'], knn_every=a['knn_every'],
                       progress=not a['no_progress'])

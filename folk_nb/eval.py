@@ -685,8 +685,9 @@ def _run_facts(checkpoint: Path) -> dict:
     if isinstance(summary.get('img_per_s'), (int, float)): facts['img_per_s'] = float(summary['img_per_s'])
     dev = str(config.get('device', ''))
     facts['train_device'] = config.get('gpu') or dev or None
-    if dev.startswith('cuda') and isinstance(summary.get('seconds'), (int, float)):
-        facts['gpu_minutes'] = summary['seconds'] * int(config.get('world_size', 1)) / 60
+    seconds = summary.get('train_seconds', summary.get('seconds'))      # older runs: the last fit() only
+    if dev.startswith('cuda') and isinstance(seconds, (int, float)):
+        facts['gpu_minutes'] = seconds * int(config.get('world_size', 1)) / 60
     return facts
 
 def _subset(data: dict, n: int | None, seed: int = 0) -> dict:

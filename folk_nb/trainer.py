@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_trainer.ipynb #99129e2c
 from __future__ import annotations
-import csv, dataclasses, json, math, os, random, signal, subprocess, sys, time
+import copy, csv, dataclasses, json, math, os, random, signal, subprocess, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -22,12 +22,14 @@ class TrainConfig:
     "Hyper-parameters and switches of a training run (saved with every checkpoint)."
     epochs: int = 1                  # passes over the loader (the schedule length unless max_steps is set)
     max_steps: int | None = None     # stop after this many optimiser steps (and use it as the schedule length)
+    time_budget_min: float | None = None  # training-time budget in minutes: the schedule is sized to fit it, the run stops when it is spent
     base_lr: float = 1.5e-4          # learning rate per 512 images (global batch)
     lr: float | None = None          # absolute learning rate; overrides base_lr
     min_lr: float = 0.0              # floor of the cosine decay
     warmup_steps: int | None = None  # linear warm-up; None = 5% of the schedule
     weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.95)
+    optimizer: str = 'adamw'         # 'adamw' (ViT recipes) or 'sgd' (momentum 0.9: the MoCo / ResNet recipes)
+    betas: tuple = (0.9, 0.95)       # AdamW's betas
     clip_grad: float | None = 3.0    # max gradient norm (None: off)
     amp: str = 'auto'                # 'bf16', 'off', or 'auto' (bf16 on CUDA, off on CPU)
     compile: bool = False            # torch.compile the method's forward
@@ -43,7 +45,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.epochs < 1: raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1: raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.time_budget_min is not None and not self.time_budget_min > 0:
+            raise ValueError(f"time_budget_min must be a positive number of minutes, got {self.time_budget_min}")
         if self.amp not in ('auto', 'bf16', 'off'): raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        if self.optimizer not in ('adamw', 'sgd'): raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.clip_grad is not None and self.clip_grad <= 0: raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad}")
         self.betas = tuple(self.betas)
 
@@ -138,6 +143,7 @@ def setup_distributed(device=None) -> DistInfo:
     rank, local = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
     if device is None: device = f'cuda:{local}' if torch.cuda.is_available() else 'cpu'
     device = torch.device(device)
+    if device.type == 'cuda' and device.index is None: device = torch.device('cuda', torch.cuda.current_device())   # 'cuda' -> 'cuda:N'
     if device.type == 'cuda': torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
@@ -226,11 +232,14 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(method, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
         fused = self.device.type == 'cuda'
-        self.optimizer = torch.optim.AdamW(method.param_groups(self.cfg.weight_decay), lr=self.peak_lr,
-                                           betas=self.cfg.betas, fused=fused)
+        groups = method.param_groups(self.cfg.weight_decay)
+        if self.cfg.optimizer == 'sgd': self.optimizer = torch.optim.SGD(groups, lr=self.peak_lr, momentum=0.9, fused=fused)
+        else: self.optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=self.cfg.betas, fused=fused)
         self.amp = (self.cfg.amp == 'bf16') or (self.cfg.amp == 'auto' and self.device.type == 'cuda')
         self.step = self.epoch = self.batch_in_epoch = 0
         self.nonfinite_total = self.nonfinite_run = 0
+        self.train_seconds = 0.0              # training time over every fit() of this run (kNN evaluations excluded)
+        self.calibration = None               # with a time budget: the measured step time and the fitted schedule
         self.out_dir = Path(self.cfg.out_dir)
         self.ckpt_path = self.out_dir / 'checkpoints' / 'last.pt'
         self._pending_rng, self._stop_signal, self.last_out = None, None, None
@@ -248,7 +257,8 @@ class Trainer:
         return dict(format=CHECKPOINT_FORMAT, method=m.name, method_config=m.config, train_config=asdict(self.cfg),
                     model=m.state_dict(), optimizer=self.optimizer.state_dict(), step=self.step, epoch=self.epoch,
                     batch_in_epoch=self.batch_in_epoch, nonfinite_total=self.nonfinite_total, rng=all_rng,
-                    world_size=self.dist.world_size, total_steps=self.total_steps)
+                    world_size=self.dist.world_size, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                    train_seconds=self.train_seconds, calibration=self.calibration)
 
     def save(self, path=None) -> Path | None:
         "Write a checkpoint atomically (rank 0 writes; every rank takes part in gathering RNG states)."
@@ -276,6 +286,10 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.step, self.epoch, self.batch_in_epoch = ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
         self.nonfinite_total = ckpt['nonfinite_total']
+        self.train_seconds = float(ckpt.get('train_seconds', 0.0))
+        if self.cfg.time_budget_min and ckpt.get('calibration'):     # keep the schedule the budget was fitted to
+            self.calibration = ckpt['calibration']
+            self.total_steps, self.warmup_steps = ckpt['total_steps'], ckpt['warmup_steps']
         rngs = ckpt['rng']
         self._pending_rng = rngs[self.dist.rank] if self.dist.rank < len(rngs) else None
         return self
@@ -344,6 +358,47 @@ class Trainer:
         if gnorm is not None: row['_gnorm'] = gnorm
         return row
 
+    # ---------------------------------------------------------------- time budget
+    def _sync(self):
+        if self.device.type == 'cuda': torch.cuda.synchronize(self.device)
+
+    def calibrate(self,
+                  steps: int = 20,   # timed steps
+                  warmup: int = 5,   # untimed steps before them (compilation, autotuning, allocator warm-up)
+                 ) -> dict:          # the measured step time and the schedule that fits the budget
+        "Time real training steps, restore the model, optimiser and RNG exactly, and size the schedule to the time budget."
+        budget_s = self.cfg.time_budget_min * 60
+        m = _unwrap(self.model)
+        saved_model = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        saved_opt, saved_rng = copy.deepcopy(self.optimizer.state_dict()), rng_state()
+        saved = (self.nonfinite_total, self.nonfinite_run, self.last_out)
+        t_begin = time.perf_counter()
+        self.model.train()
+        self.loader.set_epoch(self.epoch)
+        batches, done, t0 = iter(self.loader), 0, None
+        while done < warmup + steps:
+            batch = next(batches, None)
+            if batch is None: batches = iter(self.loader); continue
+            if done == warmup: self._sync(); t0 = time.perf_counter()
+            self.train_step(batch); done += 1
+        self._sync()
+        per_step = torch.tensor((time.perf_counter() - t0) / steps)
+        if self.dist.world_size > 1:                                # every process takes the slowest one's figure
+            per_step = per_step.to(self.device); dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
+        per_step = float(per_step)
+        m.load_state_dict(saved_model); self.optimizer.load_state_dict(saved_opt); set_rng_state(saved_rng)
+        self.nonfinite_total, self.nonfinite_run, self.last_out = saved
+        cap = self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
+        fit = self.step + max(1, int((budget_s - self.train_seconds) / per_step))
+        self.total_steps = min(cap, fit)
+        if self.cfg.warmup_steps is None: self.warmup_steps = max(1, int(0.05 * self.total_steps))
+        self.calibration = dict(budget_min=self.cfg.time_budget_min, seconds_per_step=per_step, timed_steps=steps,
+                                total_steps=self.total_steps, capped=fit > cap, seconds=time.perf_counter() - t_begin)
+        if self.dist.is_main:
+            print(f"time budget {self.cfg.time_budget_min:g} min: {per_step * 1000:.1f} ms/step over {steps} steps -> "
+                  f"schedule of {self.total_steps} steps" + (" (capped by epochs / max_steps)" if fit > cap else ''))
+        return self.calibration
+
     # ---------------------------------------------------------------- kNN monitor
     def knn_eval(self) -> dict:
         "kNN top-1 accuracy of the current encoder on `knn_data` (rank 0's view)."
@@ -367,7 +422,9 @@ class Trainer:
     def fit(self,
             stop_at: int | None = None,  # pause after this step (the schedule still spans `total_steps`)
            ) -> dict:                    # summary of the run
-        "Train until `total_steps` (or `stop_at`); returns a summary. Stops cleanly (with a checkpoint) on SIGTERM / SIGINT."
+        "Train until `total_steps` (or `stop_at`, or the time budget); returns a summary. Stops cleanly (with a checkpoint) on SIGTERM / SIGINT."
+        budget_s = self.cfg.time_budget_min * 60 if self.cfg.time_budget_min else None
+        if budget_s and self.calibration is None: self.calibrate()
         end = min(self.total_steps, stop_at or self.total_steps)
         from tqdm.auto import tqdm
         self._open_logs()
@@ -379,9 +436,10 @@ class Trainer:
                    desc=_unwrap(self.model).name, dynamic_ncols=True, mininterval=1.0)
         t_start, n_images, t_window, n_window = time.perf_counter(), 0, time.perf_counter(), 0
         start_step, status, acc = self.step, 'finished', {}
-        last_row = {}
+        out_of_time = budget_s is not None and self.train_seconds >= budget_s   # e.g. resumed after the budget was spent
+        last_row, t_mark = {}, time.perf_counter()
         try:
-            while self.step < end and self._stop_signal is None:
+            while self.step < end and self._stop_signal is None and not out_of_time:
                 self.loader.set_epoch(self.epoch)
                 for i, batch in enumerate(self.loader):
                     if i < self.batch_in_epoch: continue            # resuming: these batches were consumed before
@@ -402,16 +460,20 @@ class Trainer:
                         bar.set_postfix(loss=f"{parts.get('loss', float('nan')):.4f}", img_s=f"{last_row['img_per_s']:.0f}")
                         t_window, n_window = now, 0
                     if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0: self.save()
+                    now = time.perf_counter(); self.train_seconds += now - t_mark; t_mark = now
+                    out_of_time = budget_s is not None and self.train_seconds >= budget_s
                     if self.batch_in_epoch >= self.steps_per_epoch: break     # the epoch is complete
-                    if self.step >= end or self._stop_signal is not None: break
+                    if self.step >= end or self._stop_signal is not None or out_of_time: break
                 if self.batch_in_epoch >= self.steps_per_epoch:               # epoch end (also when the run ends on it)
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     if self.knn_data is not None and self.cfg.knn_every and self.epoch % self.cfg.knn_every == 0:
                         acc = self.knn_eval()
                         if self.dist.is_main: self._write_log(acc, self._eval_log)
                         bar.write(f"epoch {self.epoch}: kNN top-1 {acc['knn_top1']:.4f}")
-                    if not self.cfg.ckpt_every and self.step < end: self.save()   # the final save follows below
+                        t_mark = time.perf_counter()                          # evaluation time is not training time
+                    if not self.cfg.ckpt_every and self.step < end and not out_of_time: self.save()   # the final save follows below
             if self._stop_signal is not None: status = f'stopped by {self._stop_signal}'
+            elif out_of_time and self.step < self.total_steps: status = 'time budget spent'
             elif self.step < self.total_steps: status = 'paused'
             path = self.save()
         finally:
@@ -420,7 +482,8 @@ class Trainer:
             if self._tb is not None: self._tb.flush()
         elapsed = time.perf_counter() - t_start
         summary = dict(status=status, steps=self.step, steps_this_run=self.step - start_step, epochs=self.epoch,
-                       seconds=elapsed, img_per_s=n_images / max(elapsed, 1e-9), nonfinite_steps=self.nonfinite_total,
+                       seconds=elapsed, train_seconds=self.train_seconds, img_per_s=n_images / max(elapsed, 1e-9),
+                       nonfinite_steps=self.nonfinite_total, **({'calibration': self.calibration} if self.calibration else {}),
                        last=last_row, checkpoint=str(self.ckpt_path), **({'knn_top1': acc['knn_top1']} if acc else {}))
         if self.dist.is_main:
             print(f"{_unwrap(self.model).name}: {status} at step {self.step}/{self.total_steps} in {elapsed:.1f} s "

@@ -512,3 +512,15 @@ def test_bench_runs_one_tiny_config():
     assert row['status'] == 'ok', row
     assert row['flops_per_img'] > 0 and row['img_per_s'] > 0 and row['plain_img_per_s'] > 0
     assert row['mfu'] == pytest.approx(row['flops_per_img'] * row['img_per_s'] / 1e12)
+
+
+def test_run_facts_use_the_cumulative_training_time(tmp_path):
+    "gpu_minutes comes from summary.json's train_seconds (all parts of a resumed run) times the processes; CPU runs: none."
+    from folk_nb.eval import _run_facts
+    (tmp_path / 'checkpoints').mkdir()
+    (tmp_path / 'summary.json').write_text(json.dumps(dict(seconds=30.0, train_seconds=150.0, img_per_s=1000.0)))
+    (tmp_path / 'config.json').write_text(json.dumps(dict(device='cuda:0', gpu='NVIDIA H100 80GB HBM3', world_size=2)))
+    facts = _run_facts(tmp_path / 'checkpoints' / 'last.pt')
+    assert facts == dict(img_per_s=1000.0, gpu_minutes=150.0 * 2 / 60, train_device='NVIDIA H100 80GB HBM3')
+    (tmp_path / 'config.json').write_text(json.dumps(dict(device='cpu', world_size=1)))
+    assert _run_facts(tmp_path / 'checkpoints' / 'last.pt')['gpu_minutes'] is None

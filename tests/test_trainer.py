@@ -144,3 +144,31 @@ def test_run_ending_on_an_epoch_boundary_counts_the_epoch(tmp_path):
     assert (s['epochs'], ckpt['epoch'], ckpt['batch_in_epoch']) == (2, 2, 0)
     s = Trainer(NoisyToy(), FixedLoader(), config(tmp_path, epochs=3)).resume().fit()   # a longer schedule continues
     assert s['steps'] == 12 and s['epochs'] == 3
+
+
+def test_sgd_optimizer_is_sgd_with_momentum_and_trains(tmp_path):
+    "optimizer='sgd': torch SGD with momentum 0.9 and the schedule's learning rate; the loss falls; bad names are refused."
+    torch.manual_seed(0); m = NoisyToy(noise=0.0)
+    t = Trainer(m, FixedLoader(), config(tmp_path, optimizer='sgd', lr=0.5, epochs=20, log_every=4))
+    assert isinstance(t.optimizer, torch.optim.SGD) and all(g['momentum'] == 0.9 for g in t.optimizer.param_groups)
+    t.fit()
+    rows = CSVLog(tmp_path / 'log.csv').rows()
+    assert float(rows[-1]['loss']) < float(rows[0]['loss']) / 2
+    assert float(rows[-1]['lr']) == pytest.approx(t.optimizer.param_groups[0]['lr'])
+    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'sgd'"):
+        TrainConfig(optimizer='adam')
+
+
+def test_calibration_restores_every_buffer_and_the_data_position(tmp_path):
+    "A time-budgeted run's calibration leaves parameters, buffers and RNG untouched: its steps equal a max_steps run's."
+    torch.manual_seed(0); a = NoisyToy()
+    t = Trainer(a, FixedLoader(), config(tmp_path / 'a', epochs=1000, time_budget_min=0.05, warmup_steps=3, deterministic=False))
+    before = params(a)
+    cal = t.calibrate(steps=6, warmup=2)
+    assert int(a.steps_seen) == 0 and all(torch.equal(x, y) for x, y in zip(before, params(a)))
+    n = min(cal['total_steps'], 10)
+    t.fit(stop_at=n)
+    torch.manual_seed(0); b = NoisyToy()                     # the same run without calibration, same schedule length
+    Trainer(b, FixedLoader(), config(tmp_path / 'b', max_steps=cal['total_steps'], warmup_steps=3, deterministic=False)).fit(stop_at=n)
+    for x, y in zip(params(a), params(b)): assert torch.equal(x, y)
+    assert int(a.steps_seen) == int(b.steps_seen) == n
