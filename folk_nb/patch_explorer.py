@@ -4,9 +4,7 @@
 
 # %% ../nbs/13_patch_explorer.ipynb #c62e0f57
 from __future__ import annotations
-import base64
 import html
-import io
 import numbers
 import time
 from pathlib import Path
@@ -16,13 +14,12 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from PIL import Image
 import ipywidgets as widgets
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .spectrum_explorer import ExplorerBox
-from .images import sample_names, load_sample, load_image, to_uint8_image
+from .images import sample_names, load_sample, load_image, to_uint8_image, to_png_data_uri
 from .models import Backbone, normalize_images
 from .attention import check_vit, cls_attention, attention_map, famt_weights
 from .patch_masks import (PatchSplit, split_labels, mask_throw_keep, random_split, attmask_split,
@@ -170,14 +167,6 @@ def _discrete_scale(colors) -> list:
     n = len(colors)
     return [[max(0.0, min(1.0, (i + s) / n)), c] for i, c in enumerate(colors) for s in (0, 1)]
 
-def _image_uri(
-    img: np.ndarray,  # H x W x 3 uint8
-) -> str:             # data URI for go.Image(source=...)
-    "Encode an image as a BMP data URI (lossless, ~1 ms at 224 px; PNG compression costs far more)."
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format='BMP')
-    return 'data:image/bmp;base64,' + base64.b64encode(buf.getvalue()).decode('ascii')
-
 def _error_html(text: str) -> str: return f"<span style='color:#b00'>{html.escape(text)}</span>"
 def _note_html(text: str) -> str: return f"<span style='color:#a60'>{html.escape(text)}</span>"
 
@@ -297,7 +286,7 @@ class PatchMaskExplorer(ExplorerBox):
 
     def _init_traces(self):
         s = self.size
-        blank = _image_uri(np.zeros((s, s, 3), np.uint8))
+        blank = to_png_data_uri(np.zeros((s, s), np.uint8), self.png_level)
         grid = np.zeros((2, 2))
         for r, c in ((1, 1), (1, 2), (2, 2)): self.fig.add_trace(go.Image(source=blank, hoverinfo='skip'), row=r, col=c)
         self.fig.add_trace(go.Heatmap(z=grid, colorscale='Inferno', opacity=0.6, showscale=False, zmin=0, zmax=1,
@@ -368,7 +357,7 @@ class PatchMaskExplorer(ExplorerBox):
         with self.fig.batch_update():
             key = (self.images.key(self.image.value), gh, gw)
             if self._shown != key:                   # image and geometry change only with the image or the model
-                uri = _image_uri(p['image'])
+                uri = to_png_data_uri(p['image'], self.png_level)
                 for i in range(3): self.fig.data[i].source = uri
                 for i in (3, 4, 5): self.fig.data[i].update(**cell)
                 for i in (1, 2, 3, 4):
@@ -513,7 +502,7 @@ class SaliencyExplorer(ExplorerBox):
     def size(self) -> int: return self.images.size
 
     def _init_traces(self):
-        blank, grid = _image_uri(np.zeros((self.size, self.size, 3), np.uint8)), np.zeros((2, 2))
+        blank, grid = to_png_data_uri(np.zeros((self.size, self.size), np.uint8), self.png_level), np.zeros((2, 2))
         for i in range(6): self.fig.add_trace(go.Image(source=blank, hoverinfo='skip'), row=1 + i // 3, col=1 + i % 3)
         self.fig.add_trace(go.Heatmap(z=grid, colorscale='Inferno', showscale=False, zmin=0, zmax=1,
                                       hovertemplate='saliency (min-max scaled) %{z:.3f}<extra></extra>'), row=1, col=2)
@@ -576,7 +565,7 @@ class SaliencyExplorer(ExplorerBox):
         with self.fig.batch_update():
             key = (self.images.key(self.image.value), self.source.value)
             if self._shown != key:                                 # image and saliency change together, rarely
-                uri = _image_uri(p['image'])
+                uri = to_png_data_uri(p['image'], self.png_level)
                 for i in (0, 1, 2, 5): self.fig.data[i].source = uri
                 sal = torch.from_numpy(p['saliency'])[None, None]
                 h, w = sal.shape[-2:]
@@ -586,8 +575,8 @@ class SaliencyExplorer(ExplorerBox):
                 self.fig.data[6].update(z=sal[0, 0].numpy(), x0=(s / w - 1) / 2, dx=s / w, y0=(s / h - 1) / 2, dy=s / h)
                 for i in (7, 8): self.fig.data[i].update(**cell)
                 self._shown = key
-            self.fig.data[3].source = _image_uri(p['query'])
-            self.fig.data[4].source = _image_uri(p['hard_negative'])
+            self.fig.data[3].source = to_png_data_uri(p['query'], self.png_level)
+            self.fig.data[4].source = to_png_data_uri(p['hard_negative'], self.png_level)
             self.fig.data[7].z = p['foreground'].astype(int)
             self.fig.data[7].text = np.where(p['foreground'], 'foreground', 'background')
             self.fig.data[8].z, self.fig.data[8].text = masks, np.array(['', 'query', 'hard negative', 'both'])[masks]

@@ -11,12 +11,13 @@ from torch import Tensor
 import ipywidgets as widgets
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-from .images import sample_names, load_sample, load_image, to_uint8_image, to_png_data_uri
+from .images import sample_names, load_sample, load_image, to_uint8_image, to_png_data_uri, gray_image
 from .spectrum import amplitude, filter_image
 from .freq_masks import mfm_mask, com_mask, rcom_mask, folk_mask, ratio_mask, default_mfm_radius
 
 # %% auto #0
-__all__ = ['MASK_KINDS', 'PANEL_TITLES', 'make_keep_mask', 'spectrum_panels', 'ExplorerBox', 'SpectrumExplorer']
+__all__ = ['MASK_KINDS', 'PANEL_TITLES', 'SPECTRUM_PANELS', 'make_keep_mask', 'spectrum_panels', 'ExplorerBox',
+           'SpectrumExplorer']
 
 # %% ../nbs/04_spectrum_explorer.ipynb #e6b9407b
 MASK_KINDS = ('MFM low-pass', 'MFM high-pass', 'Com', 'RCom', 'FOLK random', 'ratio: strongest first', 'ratio: weakest first')
@@ -56,6 +57,8 @@ def spectrum_panels(
 # %% ../nbs/04_spectrum_explorer.ipynb #aee4890d
 class ExplorerBox(widgets.VBox):
     "Base of the explorers: a VBox around a plotly `fig` whose synced state always matches its data."
+    png_level = 0  # zlib level of the PNG pictures sent to the browser (0: fastest; 1-9: smaller, for slow links)
+
     def sync_figure(self):
         "Copy the figure's current data into the state a browser view draws first (call at the end of `update`)."
         fig = getattr(self, 'fig', None)
@@ -70,6 +73,7 @@ class ExplorerBox(widgets.VBox):
 # %% ../nbs/04_spectrum_explorer.ipynb #011dc5e4
 PANEL_TITLES = ('image', 'log-amplitude spectrum', 'keep-mask (white = kept)', 'masked spectrum',
                 'filtered image (encoder input)', 'removed part (target of the model)')
+SPECTRUM_PANELS = (1, 2, 3)  # panels on the frequency grid (hover: frequency in cycles per image)
 
 class SpectrumExplorer(ExplorerBox):
     "Interactive view of a frequency mask on one image: spectra, keep-mask, filtered and removed parts."
@@ -87,7 +91,7 @@ class SpectrumExplorer(ExplorerBox):
         self.ratio = widgets.FloatSlider(value=0.9, min=0, max=1, step=0.01, description='ratio removed')
         self.resample = widgets.Button(description='resample', tooltip='draw the FOLK random mask again')
         self.info, self.message = widgets.HTML(), widgets.HTML()
-        self.seed = 0
+        self.seed, self._static = 0, (None, None)
         self.fig = go.FigureWidget(self._empty_figure())   # traces exist before the widget: the browser's first draw has them
         for w in (self.image, self.kind, self.radius, self.threshold, self.ratio): w.observe(self.update, names='value')
         self.upload.observe(self._on_upload, names='value')
@@ -98,15 +102,14 @@ class SpectrumExplorer(ExplorerBox):
         self.update()
 
     def _empty_figure(self) -> go.Figure:
-        "The six panels with placeholder data (replaced by `update`)."
+        "The six panels with placeholder pictures (replaced by `update`)."
         fig = make_subplots(rows=2, cols=3, subplot_titles=PANEL_TITLES, horizontal_spacing=0.03, vertical_spacing=0.08)
-        blank = np.zeros((self.size, self.size))
-        img = to_png_data_uri(torch.zeros(3, self.size, self.size))   # pictures travel as PNGs: plotly's array form is slow
-        heat = dict(colorscale='gray', showscale=False)
-        for (r, c), trace in zip([(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)],
-                                 [go.Image(source=img), go.Heatmap(z=blank, **heat), go.Heatmap(z=blank, zmin=0, zmax=1, **heat),
-                                  go.Heatmap(z=blank, **heat), go.Image(source=img), go.Image(source=img)]):
-            fig.add_trace(trace, row=r, col=c)
+        blank = to_png_data_uri(np.zeros((self.size, self.size), np.uint8), self.png_level)
+        f0 = -(self.size // 2)                   # fftshift layout: bin i is frequency i - size // 2
+        for i in range(6):                       # six PNG pictures: a spectrum is drawn as a grey picture, not a heat map
+            freq = dict(x0=f0, y0=f0, hovertemplate='frequency (%{x}, %{y}) cycles per image<extra></extra>')
+            fig.add_trace(go.Image(source=blank, **(freq if i in SPECTRUM_PANELS else dict(hoverinfo='skip'))),
+                          row=1 + i // 3, col=1 + i % 3)
         fig.update_yaxes(autorange='reversed', showticklabels=False, scaleanchor='x')
         fig.update_xaxes(showticklabels=False)
         fig.update_layout(height=560, width=840, margin=dict(l=5, r=5, t=30, b=5))
@@ -124,6 +127,15 @@ class SpectrumExplorer(ExplorerBox):
         keep = make_keep_mask(x[None], self.kind.value, self.radius.value, self.threshold.value, self.ratio.value, self.seed)
         return spectrum_panels(x, keep)
 
+    def pictures(self, p: dict) -> tuple:
+        "The six panels of `p` (from `compute`) as PNG data URIs; the two that depend only on the image are cached."
+        x, level = self.current_image(), self.png_level
+        png = lambda a: to_png_data_uri(a, level)
+        hi = float(p['log_amplitude'].max())                       # both spectra on one grey scale, 0 = black
+        if self._static[0] is not x: self._static = (x, (png(p['image']), png(gray_image(p['log_amplitude'], 0, hi))))
+        return self._static[1] + (png(gray_image(p['keep'], 0, 1)), png(gray_image(p['masked_spectrum'], 0, hi)),
+                                  png(p['filtered']), png(p['removed']))
+
     def update(self, *_):
         "Recompute and redraw every panel."
         try: p = self.compute()
@@ -131,9 +143,7 @@ class SpectrumExplorer(ExplorerBox):
             self.message.value = f"<span style='color:#b00'>{html.escape(str(e))}</span>"; return
         self.message.value = ''
         with self.fig.batch_update():
-            for trace, key in zip(self.fig.data, ('image', 'log_amplitude', 'keep', 'masked_spectrum', 'filtered', 'removed')):
-                if isinstance(trace, go.Image): trace.source = to_png_data_uri(torch.from_numpy(p[key]).permute(2, 0, 1).float() / 255)
-                else: trace.z = p[key]
+            for trace, uri in zip(self.fig.data, self.pictures(p)): trace.source = uri
         self.info.value = f"<b>{self.kind.value}</b>: kept {p['kept']:,} of {p['total']:,} bins ({100 * p['kept'] / p['total']:.2f}%)"
         self.last = p
         self.sync_figure()

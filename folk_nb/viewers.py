@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_viewers.ipynb #1594b668
 from __future__ import annotations
-import base64, html, inspect, math, struct, time, zlib
+import html, inspect, math, time
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -14,7 +14,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
-from .images import sample_names, load_sample, load_image, to_uint8_image
+from .images import sample_names, load_sample, load_image, to_uint8_image, to_png_data_uri, gray_image
 from .spectrum import amplitude, fft_image, filter_image, radial_frequency, check_images
 from .freq_masks import default_mfm_radius
 from .spectrum_explorer import MASK_KINDS, make_keep_mask, ExplorerBox
@@ -27,44 +27,11 @@ from .patch_masks import random_split, mask_throw_keep, split_counts, split_labe
 from .mae import FAMT, show_split
 
 # %% auto #0
-__all__ = ['FREQUENCY_METHODS', 'PATCH_METHODS', 'FAMT_DEFAULTS', 'RECONSTRUCTION_TITLES', 'ATTENTION_TITLES', 'png_uri',
-           'gray_image', 'radial_profile', 'radial_error_profile', 'evaluating', 'check_viewable',
-           'filtered_reconstruction', 'famt_split', 'patch_split', 'patch_reconstruction', 'reconstruction_panels',
-           'load_method', 'error_html', 'ImageViewer', 'ReconstructionViewer', 'vit_of', 'head_map', 'attention_maps',
-           'overlay_attention', 'famt_summary', 'AttentionViewer', 'TrainingDashboard']
-
-# %% ../nbs/50_viewers.ipynb #3244c9bd
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data) & 0xffffffff)
-
-def png_uri(
-    a: np.ndarray,    # uint8 picture, (H, W, 3) RGB or (H, W) grey
-    level: int = 0,   # zlib level: 0 stores (fastest, largest), 1-9 compress
-) -> str:             # 'data:image/png;base64,...' for `go.Image(source=...)`
-    "Encode a uint8 picture as a PNG data URI, quickly (no row filter)."
-    if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3):
-        raise ValueError(f"a must be a uint8 array (H, W) or (H, W, 3), got "
-                         f"{(a.dtype, a.shape) if isinstance(a, np.ndarray) else type(a).__name__}")
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
-        raise ValueError(f"level must be a zlib level 0-9, got {level!r}")
-    h, w = a.shape[:2]
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), np.ascontiguousarray(a).reshape(h, -1)], 1)  # filter byte 0 per row
-    header = struct.pack('>IIBBBBB', w, h, 8, 2 if a.ndim == 3 else 0, 0, 0, 0)
-    png = (b'\x89PNG\r\n\x1a\n' + _png_chunk(b'IHDR', header) + _png_chunk(b'IDAT', zlib.compress(rows.tobytes(), level))
-           + _png_chunk(b'IEND', b''))
-    return 'data:image/png;base64,' + base64.b64encode(png).decode('ascii')
-
-def gray_image(
-    a,                 # 2-D float map (numpy or tensor)
-    lo: float = None,  # value drawn black (default: the map's minimum)
-    hi: float = None,  # value drawn white (default: the map's maximum)
-) -> np.ndarray:       # (H, W) uint8
-    "Map a float map to grey levels on [lo, hi] (values outside are clipped)."
-    a = np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float32)
-    if a.ndim != 2: raise ValueError(f"a must be a 2-D map, got shape {a.shape}")
-    lo = float(a.min()) if lo is None else float(lo)
-    hi = float(a.max()) if hi is None else float(hi)
-    return (np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1) * 255 + 0.5).astype(np.uint8)
+__all__ = ['FREQUENCY_METHODS', 'PATCH_METHODS', 'FAMT_DEFAULTS', 'RECONSTRUCTION_TITLES', 'ATTENTION_TITLES', 'radial_profile',
+           'radial_error_profile', 'evaluating', 'check_viewable', 'filtered_reconstruction', 'famt_split',
+           'patch_split', 'patch_reconstruction', 'reconstruction_panels', 'load_method', 'error_html', 'ImageViewer',
+           'ReconstructionViewer', 'vit_of', 'head_map', 'attention_maps', 'overlay_attention', 'famt_summary',
+           'AttentionViewer', 'TrainingDashboard']
 
 # %% ../nbs/50_viewers.ipynb #fefa18f5
 def radial_profile(
@@ -232,7 +199,6 @@ def error_html(
 
 class ImageViewer(ExplorerBox):
     "Base of the viewers: image dropdown + upload, a message line, and cached images at the current size."
-    png_level = 0  # zlib level of the pictures sent to the browser (0: fastest; 1-9: smaller, for slow links)
     def _init_images(self,
                      size: int,          # image side
                      image: str = 'astronaut',  # initial sample image
@@ -324,7 +290,7 @@ class ReconstructionViewer(ImageViewer):
         "The six panels with placeholder data (replaced by `update`)."
         fig = make_subplots(rows=2, cols=3, specs=[[{}, {}, {}], [{}, {}, {'secondary_y': True}]],
                             subplot_titles=RECONSTRUCTION_TITLES, horizontal_spacing=0.06, vertical_spacing=0.1)
-        blank = png_uri(np.zeros((self.size, self.size), np.uint8))
+        blank = to_png_data_uri(np.zeros((self.size, self.size), np.uint8), self.png_level)
         for r, c in ((1, 1), (1, 2), (1, 3), (2, 1), (2, 2)):
             fig.add_trace(go.Image(source=blank, hoverinfo='skip'), row=r, col=c)
             fig.update_xaxes(showticklabels=False, showgrid=False, row=r, col=c)
@@ -414,17 +380,17 @@ class ReconstructionViewer(ImageViewer):
         try: p = self.compute()
         except (ValueError, TypeError, RuntimeError) as e:
             self.message.value = error_html(e)
-            if self.method is None: self.fig.data[0].source = png_uri(to_uint8_image(self.current_image()))
+            if self.method is None: self.fig.data[0].source = to_png_data_uri(self.current_image(), self.png_level)
             return
-        key = ('static', self.image.value, self.size)               # the image and its spectrum: once per image
+        key, level = ('static', self.image.value, self.size), self.png_level   # the image and its spectrum: once per image
         if key not in self._static:
             lo, hi = float(p['log_amplitude'].min()), float(p['log_amplitude'].max())
-            self._static[key] = (png_uri(p['image'], self.png_level), png_uri(gray_image(p['log_amplitude'], lo, hi), self.png_level), lo, hi)
+            self._static[key] = (to_png_data_uri(p['image'], level), to_png_data_uri(gray_image(p['log_amplitude'], lo, hi), level), lo, hi)
         image_uri, spectrum_uri, lo, hi = self._static[key]
+        uris = (image_uri, to_png_data_uri(p['input'], level), to_png_data_uri(p['pred'], level), spectrum_uri,
+                to_png_data_uri(gray_image(p['log_amplitude_pred'], lo, hi), level))
         with self.fig.batch_update():
-            for trace, uri in zip(self.fig.data[:5], (image_uri, png_uri(p['input'], self.png_level), png_uri(p['pred'], self.png_level),
-                                                     spectrum_uri, png_uri(gray_image(p['log_amplitude_pred'], lo, hi), self.png_level))):
-                trace.source = uri
+            for trace, uri in zip(self.fig.data[:5], uris): trace.source = uri
             self.fig.data[5].update(x=p['radius'], y=np.maximum(p['error'], 1e-8))
             kept = p['kept_fraction']
             self.fig.data[6].update(x=p['radius'] if kept is not None else [], y=kept if kept is not None else [])
@@ -582,7 +548,7 @@ class AttentionViewer(ImageViewer):
         "The five panels with placeholder data (replaced by `update`)."
         fig = make_subplots(rows=2, cols=3, specs=[[{}, {}, {}], [{}, {'colspan': 2}, None]], subplot_titles=ATTENTION_TITLES,
                             horizontal_spacing=0.06, vertical_spacing=0.1)
-        blank = png_uri(np.zeros((self.size, self.size), np.uint8))
+        blank = to_png_data_uri(np.zeros((self.size, self.size), np.uint8), self.png_level)
         heat = dict(colorscale='Inferno', showscale=False)
         fig.add_trace(go.Image(source=blank, hoverinfo='skip'), row=1, col=1)
         fig.add_trace(go.Heatmap(z=[[0]], zmin=0, zmax=1, **heat), row=1, col=2)
@@ -705,10 +671,10 @@ class AttentionViewer(ImageViewer):
         except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
             self.message.value = error_html(e); return
         with self.fig.batch_update():
-            self.fig.data[0].source = png_uri(p['overlay'], self.png_level)
+            self.fig.data[0].source = to_png_data_uri(p['overlay'], self.png_level)
             self.fig.data[1].z = p['attention']
             self.fig.data[2].z = p['weights']
-            self.fig.data[3].source = png_uri(p['split'], self.png_level)
+            self.fig.data[3].source = to_png_data_uri(p['split'], self.png_level)
             if p['curve']:
                 s, e, o = zip(*p['curve'])
                 self.fig.data[4].update(x=s, y=e); self.fig.data[5].update(x=s, y=o)

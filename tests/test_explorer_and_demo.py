@@ -1,4 +1,5 @@
 "The SpectrumExplorer reacts to its controls and to uploads; folk_nb_gallery writes a report."
+import base64
 import io
 import numpy as np
 import pytest
@@ -8,6 +9,15 @@ from PIL import Image
 from folk_nb.spectrum_explorer import SpectrumExplorer, MASK_KINDS, make_keep_mask
 from folk_nb.freq_masks import ratio_mask
 from folk_nb.report import main as gallery_main
+
+
+def drawn_keep_mask(ex) -> np.ndarray:
+    "The keep-mask panel as the browser gets it: its PNG decoded with PIL, white = kept."
+    uri = ex.fig.data[2].source
+    assert uri.startswith('data:image/png;base64,')
+    a = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(',', 1)[1]))))
+    assert set(np.unique(a)) <= {0, 255}, 'a keep-mask is black and white'
+    return a == 255
 
 
 def png_bytes(h=40, w=50):
@@ -21,7 +31,7 @@ def test_every_mask_kind_draws_and_counts_bins():
     for kind in MASK_KINDS:
         ex.kind.value = kind
         assert ex.message.value == ''
-        keep = np.array(ex.fig.data[2].z)
+        keep = drawn_keep_mask(ex)
         assert keep.shape == (48, 48) and int(keep.sum()) == ex.last['kept']
         assert f"{ex.last['kept']:,} of 2,304" in ex.info.value
 
@@ -30,7 +40,7 @@ def test_ratio_slider_removes_exact_fraction_and_matches_library():
     ex = SpectrumExplorer(size=48, kind='ratio: weakest first')
     ex.ratio.value = 0.4
     x = ex.current_image()[None]
-    assert np.array_equal(np.array(ex.fig.data[2].z), ratio_mask(x, 0.4, strongest=False)[0, 0].float().numpy())
+    assert np.array_equal(drawn_keep_mask(ex), ratio_mask(x, 0.4, strongest=False)[0, 0].numpy())
 
 
 def test_resample_changes_folk_draw_eventually():

@@ -21,8 +21,8 @@ from folk_nb.methods import create_method
 from folk_nb.patch_masks import split_labels
 from folk_nb.trainer import CHECKPOINT_FORMAT, CSVLog, TrainConfig, Trainer
 from folk_nb.viewers import (AttentionViewer, ReconstructionViewer, TrainingDashboard, attention_maps, famt_split,
-                             famt_summary, filtered_reconstruction, gray_image, head_map, load_method,
-                             overlay_attention, patch_reconstruction, patch_split, png_uri, radial_error_profile,
+                             famt_summary, filtered_reconstruction, head_map, load_method,
+                             overlay_attention, patch_reconstruction, patch_split, radial_error_profile,
                              radial_profile, reconstruction_panels, _INFERNO)
 import reference as ref
 
@@ -98,23 +98,6 @@ def manual_cls_attention(vit, x_norm, layer):
         q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
         a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1)[:, :, 0, 1:]
     return a.numpy()                                                    # (B, heads, N)
-
-
-# ---------------------------------------------------------------- pictures
-@pytest.mark.parametrize('shape', [(40, 48, 3), (33, 17), (1, 1, 3)])
-@pytest.mark.parametrize('level', [0, 1, 9])
-def test_png_uri_is_lossless_png(shape, level):
-    a = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    np.testing.assert_array_equal(decode(png_uri(a, level)), a)
-
-
-def test_png_uri_and_gray_image_reject_bad_input():
-    with pytest.raises(ValueError, match='uint8'): png_uri(np.zeros((4, 4)))
-    with pytest.raises(ValueError, match='uint8'): png_uri(np.zeros((4, 4, 4), np.uint8))
-    with pytest.raises(ValueError, match='level'): png_uri(np.zeros((4, 4), np.uint8), level=10)
-    with pytest.raises(ValueError, match='2-D'): gray_image(np.zeros((2, 2, 2)))
-    m = np.array([[-1.0, 0.0], [0.5, 3.0]])
-    np.testing.assert_array_equal(gray_image(m, 0.0, 1.0), [[0, 0], [128, 255]])
 
 
 # ---------------------------------------------------------------- radial profiles
