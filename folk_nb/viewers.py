@@ -380,7 +380,9 @@ class ReconstructionViewer(ImageViewer):
         try: p = self.compute()
         except (ValueError, TypeError, RuntimeError) as e:
             self.message.value = error_html(e)
-            if self.method is None: self.fig.data[0].source = to_png_data_uri(self.current_image(), self.png_level)
+            if self.method is None:
+                self.fig.data[0].source = to_png_data_uri(self.current_image(), self.png_level)
+                self.sync_figure()
             return
         key, level = ('static', self.image.value, self.size), self.png_level   # the image and its spectrum: once per image
         if key not in self._static:
@@ -394,6 +396,7 @@ class ReconstructionViewer(ImageViewer):
             self.fig.data[5].update(x=p['radius'], y=np.maximum(p['error'], 1e-8))
             kept = p['kept_fraction']
             self.fig.data[6].update(x=p['radius'] if kept is not None else [], y=kept if kept is not None else [])
+        self.sync_figure()                      # a browser view that starts late still draws this state
         self.message.value = ''
         self.last, self.last_ms = p, 1000 * (time.perf_counter() - t0)
         self.info.value = self._info_text(p)
@@ -526,7 +529,8 @@ class AttentionViewer(ImageViewer):
         depth = len(self.model.blocks) if self.model is not None else 1
         heads = self.model.blocks[0].attn.num_heads if self.model is not None else 1
         self.layer = widgets.Dropdown(options=list(range(depth)), value=depth - 1, description='layer')
-        self.head = widgets.Dropdown(options=[('mean of heads', None)] + [(str(h), h) for h in range(heads)], value=None,
+        # 'mean' and not None for the head mean: an ipywidgets Dropdown whose value is None shows no option at all
+        self.head = widgets.Dropdown(options=[('mean of heads', 'mean')] + [(str(h), h) for h in range(heads)], value='mean',
                                      description='head')
         self.rollout = widgets.Checkbox(value=False, description='rollout (up to this layer)')
         self.alpha = widgets.FloatSlider(value=0.6, min=0, max=1, step=0.05, description='opacity', continuous_update=False)
@@ -623,6 +627,10 @@ class AttentionViewer(ImageViewer):
             return self._infos[i]['step'], float(s['entropy'][0]), float(s['overlap'][0])
         return self._cached(('curve', i, self.image.value, self.size), point)
 
+    def head_index(self):
+        "The head the dropdown shows: an index, or None for the mean of the heads ('mean'; None is accepted too)."
+        return None if self.head.value in ('mean', None) else self.head.value
+
     def refresh(self) -> None:
         "Forget every cached map (e.g. after training the model further) and redraw."
         self._memo.clear(); self._key = None
@@ -650,7 +658,7 @@ class AttentionViewer(ImageViewer):
         else:
             query = 'cls' if getattr(self.model, 'cls_token', None) is not None else 'mean'
             raw = self._cached(('layer', layer) + here, lambda: cls_attention(self.model, normalize_images(x), layer, query))
-            att = head_map(raw, self.head.value)
+            att = head_map(raw, self.head_index())
         att = att[0].cpu()
         split, w = self._famt_at(i, x)
         labels = split_labels(split)
@@ -680,9 +688,10 @@ class AttentionViewer(ImageViewer):
                 self.fig.data[4].update(x=s, y=e); self.fig.data[5].update(x=s, y=o)
                 here = p['info']['step']
                 self.fig.data[6].update(x=[here, here], y=[dict(zip(s, e))[here], dict(zip(s, o))[here]])
+        self.sync_figure()                      # a browser view that starts late still draws this state
         self.message.value = ''
         self.last, self.last_ms = p, 1000 * (time.perf_counter() - t0)
-        what = 'rollout' if self.rollout.value else ('mean of heads' if self.head.value is None else f'head {self.head.value}')
+        what = 'rollout' if self.rollout.value else ('mean of heads' if self.head_index() is None else f'head {self.head.value}')
         where = ''
         if p['info'] is not None:
             where = f" · checkpoint {self.step.value + 1}/{len(self.paths)}: {html.escape(Path(p['info']['path']).name)}, step {p['info']['step']}"
@@ -753,6 +762,7 @@ class TrainingDashboard(ExplorerBox):
                 self._loss_traces[k].update(dict(zip('xy', self._series(self.rows, k))))
             for trace, (rows, key) in zip(self.fig.data[:3], ((self.rows, 'lr'), (self.rows, 'img_per_s'), (self.evals, 'knn_top1'))):
                 trace.update(dict(zip('xy', self._series(rows, key))))
+        self.sync_figure()                      # a browser view that starts late still draws this state
         self.status.value = self.status_text()
         self.draws, self._last_draw = self.draws + 1, time.monotonic()
 

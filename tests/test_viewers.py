@@ -392,6 +392,27 @@ def test_attention_viewer_controls_checkpoints_and_errors(tmp_path):
     with pytest.raises(TypeError, match='source must be'): AttentionViewer(42)
 
 
+
+def synced(fig) -> bool:
+    "The state a browser view draws first (`_widget_data`) equals the figure's data (numpy arrays compared as lists)."
+    plain = lambda v: v.tolist() if isinstance(v, np.ndarray) else v
+    norm = lambda traces: [{k: plain(v) for k, v in t.items()} for t in traces]
+    return norm(fig._widget_data) == norm(fig._data)
+
+
+def test_viewers_keep_the_state_a_late_browser_view_draws(tmp_path):
+    rv = ReconstructionViewer(tiny('mfm'))
+    rv.radius.value = 4.0; rv.kind.value = 'Com'                          # updates after construction: deltas
+    assert synced(rv.fig) and rv.fig._widget_data[1]['source'] == rv.fig.data[1].source
+    av = AttentionViewer(tiny('famt'))
+    assert av.head.label == 'mean of heads' and 'mean of heads' in av.info.value   # the dropdown names its value
+    av.head.value = 1; av.layer.value = 0
+    assert synced(av.fig) and 'layer 0, head 1' in av.info.value
+    d = TrainingDashboard(min_interval=0.0)
+    d.on_log(dict(step=1, loss=1.0, lr=0.1, img_per_s=10.0, time=1.0))
+    assert synced(d.fig) and d.fig._widget_data[3]['name'] == 'loss'
+
+
 # ---------------------------------------------------------------- dashboard
 def test_dashboard_on_log_updates_traces_and_throttles():
     d = TrainingDashboard(total_steps=100, min_interval=0.0)

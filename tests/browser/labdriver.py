@@ -206,6 +206,31 @@ CELLS_JS = """() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod
     source: ((c.querySelector('.cm-content') || {}).textContent || '').trim().length}))"""
 
 
+# Records the length of one trace in plots identified by a subplot title, whenever it changes: hooked on plotly's
+# redraw events (so no update is missed while a cell keeps the kernel busy) and polled every 25 ms as well.
+RECORD_JS = """([key, title, trace]) => {
+    const store = (window.__folkRecords = window.__folkRecords || {});
+    const rec = store[key] = {lengths: []};
+    const plots = [];
+    const length = (gd) => { const t = (gd.data || []).find(d => d.name === trace); return t && t.x ? (t.x.length || 0) : 0; };
+    const check = () => {
+        for (const gd of document.querySelectorAll('""" + PANEL + """ .js-plotly-plot')) {
+            if (!gd.layout || !(gd.layout.annotations || []).some(a => a.text === title)) continue;
+            let i = plots.indexOf(gd);
+            if (i < 0) { i = plots.push(gd) - 1; rec.lengths.push([]); }
+            if (gd.on && !gd['__folk_' + key]) {   // plotly has set the plot up: hook its redraw events once
+                gd['__folk_' + key] = true;
+                for (const ev of ['plotly_afterplot', 'plotly_restyle', 'plotly_update', 'plotly_redraw']) gd.on(ev, check);
+            }
+            const n = length(gd), seen = rec.lengths[i];
+            if (seen[seen.length - 1] !== n) seen.push(n);
+        }
+    };
+    check();
+    rec.timer = setInterval(check, 25);
+}"""
+
+
 class LabNotebook:
     "One notebook opened in JupyterLab, with its console errors collected from the moment the page opens."
     def __init__(self, context, server: LabServer, name: str, artifacts: Path = ARTIFACTS):
@@ -269,28 +294,76 @@ class LabNotebook:
         "Prompt text and source length of every code cell."
         return self.page.evaluate(CELLS_JS)
 
-    def run_all(self, timeout: float = RUN_ALL_TIMEOUT) -> float:
-        "Run > Run All Cells, wait until every cell ran (or one raised) and the kernel is idle; return seconds taken."
-        t0 = time.monotonic()
+    def code_cell_index(self, contains: str) -> int:
+        "Index (among the code cells) of the first code cell whose source contains `contains`."
+        i = self.page.evaluate("""(text) => [...document.querySelectorAll('""" + PANEL + """ .jp-Notebook .jp-CodeCell')]
+            .findIndex(c => ((c.querySelector('.cm-content') || {}).textContent || '').includes(text))""", contains)
+        if i < 0: raise LookupError(f'{self.name}: no code cell contains {contains!r}')
+        return i
+
+    def select_code_cells(self, first: int, last: int | None = None):
+        "Make code cell `first` the active cell (a click on its input prompt); with `last`, select up to that one too."
+        cells = self.page.locator(f'{PANEL} .jp-Notebook .jp-CodeCell')
+        cells.nth(first).locator('.jp-InputPrompt').click()
+        if last is not None and last != first: cells.nth(last).locator('.jp-InputPrompt').click(modifiers=['Shift'])
+
+    def _run_menu(self, item):
+        "Click Run > `item` (the label, or a compiled pattern of it)."
         self.page.locator('.lm-MenuBar-itemLabel', has_text=re.compile(r'^Run$')).click()
-        self.page.locator('.lm-Menu-itemLabel', has_text=re.compile(r'^Run All Cells$')).click()
-        deadline = t0 + timeout
+        label = item if isinstance(item, re.Pattern) else re.compile(rf'^{re.escape(item)}$')
+        self.page.locator('.lm-Menu-itemLabel', has_text=label).click()
+
+    def _wait_ran(self, first: int, stop: int | None, deadline: float, timeout: float, what: str):
+        "Wait until code cell `first` has its number, none is pending and the kernel is idle; fail on errors or skipped cells."
         while True:
             cells = self.cells()
             pending = [c for c in cells if '*' in c['prompt']]
-            numbered = [c for c in cells if re.search(r'\[\d+\]', c['prompt'])]
-            if numbered and not pending and self.kernel_status() == 'idle':
+            if (len(cells) > first and re.search(r'\[\d+\]', cells[first]['prompt']) and not pending
+                    and self.kernel_status() == 'idle'):
                 break
             if time.monotonic() > deadline:
                 self.screenshot('timeout')
-                raise TimeoutError(f'{self.name}: Run All not finished after {timeout:.0f} s '
+                numbered = [c for c in cells if re.search(r'\[\d+\]', c['prompt'])]
+                raise TimeoutError(f'{self.name}: {what} not finished after {timeout:.0f} s '
                                    f'({len(numbered)} of {len(cells)} code cells ran, {len(pending)} pending)')
             self.page.wait_for_timeout(300)
-        self.timings['run_all'] = round(time.monotonic() - t0, 1)
         self.assert_clean()
-        missed = [i for i, c in enumerate(cells) if c['source'] and not re.search(r'\[\d+\]', c['prompt'])]
+        missed = [i for i, c in enumerate(cells[:stop]) if i >= first and c['source'] and not re.search(r'\[\d+\]', c['prompt'])]
         assert not missed, f'{self.name}: code cells {missed} did not run (prompts: {[cells[i]["prompt"] for i in missed]})'
+
+    def run_all(self, timeout: float = RUN_ALL_TIMEOUT, pauses: tuple = ()) -> float:
+        """Run > Run All Cells, wait until every cell ran (or one raised) and the kernel is idle; return seconds taken.
+        `pauses`: (text, callback) pairs, in notebook order, to run as a reader does who looks at a widget before running
+        the cell that drives it: the cells above the first code cell containing text, callback(), on to the next, ..."""
+        t0 = time.monotonic()
+        deadline, start = t0 + timeout, 0
+        for text, callback in pauses:
+            k = self.code_cell_index(text)
+            if k <= start and start: raise ValueError(f'{self.name}: pause {text!r} (code cell {k}) is not after code cell {start}')
+            if start == 0:
+                self.select_code_cells(k)
+                self._run_menu('Run All Above Selected Cell')
+            else:
+                self.select_code_cells(start, k - 1)
+                self._run_menu(re.compile(r'^Run Selected Cells?$'))
+            self._wait_ran(start, k, deadline, timeout, f'running code cells {start} to {k - 1}')
+            callback()
+            start = k
+        if start == 0: self._run_menu('Run All Cells')
+        else:
+            self.select_code_cells(start)
+            self._run_menu('Run Selected Cell and All Below')
+        self._wait_ran(start, None, deadline, timeout, 'Run All' if start == 0 else f'running code cell {start} and below')
+        self.timings['run_all'] = round(time.monotonic() - t0, 1)
         return time.monotonic() - t0
+
+    def record_trace_lengths(self, key: str, subplot_title: str, trace_name: str):
+        "From now on, record each change of the length of trace `trace_name` in every plot showing `subplot_title`."
+        self.page.evaluate(RECORD_JS, [key, subplot_title, trace_name])
+
+    def recorded(self, key: str) -> list[list[int]]:
+        "The lengths `record_trace_lengths` saw, per plot (in page order): one list of successive lengths each."
+        return self.page.evaluate('(key) => window.__folkRecords[key].lengths', key)
 
     def problems(self) -> list[str]:
         "What is wrong on the page now: widget render errors, tracebacks, console errors, requests off 127.0.0.1."
@@ -310,10 +383,11 @@ class LabNotebook:
             self.screenshot('problems')
             raise AssertionError(f'{self.name}: ' + '\n'.join(probs))
 
-    def widget(self, has: str, has_text: str | None = None, timeout: float = 60) -> 'WidgetView':
-        "The output area holding a rendered widget that contains the CSS selector `has` (and the text `has_text`)."
+    def widget(self, has: str, has_text: str | None = None, timeout: float = 60, has_not_text: str | None = None) -> 'WidgetView':
+        "The (last) output area holding a rendered widget that contains the CSS selector `has` (and the text `has_text`, not `has_not_text`)."
         out = self.page.locator(f'{PANEL} .jp-OutputArea-output').filter(has=self.page.locator(has))
         if has_text is not None: out = out.filter(has_text=has_text)
+        if has_not_text is not None: out = out.filter(has_not_text=has_not_text)
         out = out.last
         out.wait_for(state='visible', timeout=timeout * 1000)
         out.locator(has).first.wait_for(state='visible', timeout=timeout * 1000)
@@ -322,7 +396,8 @@ class LabNotebook:
     def screenshot(self, step: str, locator=None) -> Path:
         "Write tests/_artifacts/browser/<notebook>-<step>.png (the whole page, or only `locator`)."
         path = self.artifacts / f'{self.stem}-{step}.png'
-        (locator or self.page).screenshot(path=str(path))
+        if locator is not None: self.page.mouse.move(0, 0)   # plotly shows its mode bar under the mouse: not in the picture
+        (locator or self.page).screenshot(path=str(path), animations='disabled')   # transitions (the bar fading) finished
         return path
 
     def close(self):
@@ -351,14 +426,17 @@ PLOT_DIGEST_JS = """(el) => {
 }"""
 
 
-TRACE_VALUES_JS = """(el, [index, key]) => {
+DECODE_JS = """
     const DT = {int8: Int8Array, uint8: Uint8Array, int16: Int16Array, uint16: Uint16Array, int32: Int32Array,
                 uint32: Uint32Array, float32: Float32Array, float64: Float64Array};
     const decode = (v) => {   // plotly's {dtype, bdata: base64, shape} arrays, if not decoded yet
         const raw = atob(v.bdata), bytes = new Uint8Array(raw.length);
         for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
         return new DT[v.dtype](bytes.buffer);
-    };
+    };"""
+
+
+TRACE_VALUES_JS = """(el, [index, key]) => {""" + DECODE_JS + """
     let count = 0, sum = 0, min = Infinity, max = -Infinity;
     const walk = (v) => {
         if (v === null || v === undefined) return;
@@ -368,6 +446,18 @@ TRACE_VALUES_JS = """(el, [index, key]) => {
     };
     walk(el.data[index][key]);
     return {count, sum, min, max};
+}"""
+
+
+TRACE_DATA_JS = """(el, [index, key]) => {""" + DECODE_JS + """
+    const plain = (v) => {
+        if (v === null || v === undefined) return null;
+        if (ArrayBuffer.isView(v)) return Array.from(v);
+        if (Array.isArray(v)) return v.map(plain);
+        if (typeof v === 'object' && v.bdata !== undefined) return Array.from(decode(v));
+        return v;
+    };
+    return plain(el.data[index][key]);
 }"""
 
 
@@ -431,6 +521,39 @@ class WidgetView:
         "Click the button whose text is `description`."
         self.root.locator('button.widget-button', has_text=re.compile(rf'^\s*{re.escape(description)}\s*$')).click()
 
+    def toggle(self, description: str) -> bool:
+        "Click the checkbox whose description is `description`; return its new state."
+        box = self.root.locator('.widget-checkbox', has_text=description).locator('input[type=checkbox]')
+        if box.count() != 1: raise LookupError(f'{self.nb.name}: expected one checkbox {description!r}, found {box.count()}')
+        box.click()
+        return box.is_checked()
+
+    def fill(self, description: str, text: str):
+        "Type `text` into the text field labelled `description` (replacing what it held)."
+        self._labelled('.widget-text', description).locator('input').fill(text)
+
+    def upload(self, description: str, name: str, content: bytes, mime: str = 'application/octet-stream'):
+        "Click the upload button `description` and pick a file `name` holding `content` in the file chooser."
+        button = self.root.locator('button.widget-upload', has_text=description)
+        with self.page.expect_file_chooser() as chooser:
+            button.click()
+        chooser.value.set_files(files=[{'name': name, 'mimeType': mime, 'buffer': content}])
+
+    def wait_text(self, contains: str, what: str, timeout: float = UPDATE_TIMEOUT) -> str:
+        "Wait until one of the widget's HTML outputs shows `contains`; return that text."
+        deadline = time.monotonic() + timeout
+        while not (text := self.html_text(contains)):
+            if time.monotonic() > deadline:
+                self.screenshot('no-text-' + re.sub(r'\W+', '-', what).strip('-'))
+                raise AssertionError(f'{self.nb.name}: no {contains!r} in the widget within {timeout:.0f} s after {what} '
+                                     f'(texts {self.root.locator(".widget-html").all_inner_texts()})')
+            self.page.wait_for_timeout(200)
+        return text
+
+    def selected(self, description: str) -> str:
+        "The option the dropdown `description` shows ('' when it shows none)."
+        return self.dropdown(description).evaluate("s => s.selectedIndex < 0 ? '' : s.options[s.selectedIndex].text").replace('\xa0', ' ')
+
     def html_text(self, contains: str) -> str:
         "Text of the `.widget-html` output that contains `contains` ('' when none)."
         loc = self.root.locator('.widget-html', has_text=contains)
@@ -449,6 +572,10 @@ class WidgetView:
     def trace_values(self, index: int, key: str = 'z') -> dict:
         "{'count', 'sum', 'min', 'max'} of the numbers in `data[index][key]` of the plotly graph, as the browser holds them."
         return self.plot().evaluate(TRACE_VALUES_JS, [index, key])
+
+    def trace_data(self, index: int, key: str):
+        "`data[index][key]` of the plotly graph as the browser holds it: arrays as (nested) lists, else the raw value."
+        return self.plot().evaluate(TRACE_DATA_JS, [index, key])
 
     def plot_pixels(self) -> bytes:
         "A PNG of the plot as drawn now."
