@@ -206,16 +206,18 @@ def method_batch(method, x):
                 target=torch.full((b,), -1, device=x.device), index=torch.arange(b, device=x.device))
 
 def loss_curves(run_dir):
-    "Plotly figure of every loss column of a run's log.csv against the step."
+    "Plotly figure of every loss column of a run's log.csv against the step, one panel each (their scales differ)."
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
     from folk_nb.trainer import CSVLog
     rows = CSVLog(Path(run_dir) / 'log.csv').rows()
-    fig = go.Figure()
-    if rows:
-        steps = [int(r['step']) for r in rows]
-        for k in [k for k in rows[0] if k.startswith('loss')]:
-            fig.add_trace(go.Scatter(x=steps, y=[float(r[k]) for r in rows], mode='lines', name=k))
-    fig.update_layout(xaxis_title='step', yaxis_title='loss', height=320, margin=dict(l=40, r=10, t=10, b=40))
+    keys = [k for k in rows[0] if k.startswith('loss')] if rows else []
+    fig = make_subplots(rows=1, cols=max(1, len(keys)), subplot_titles=keys or None, horizontal_spacing=0.06)
+    steps = [int(r['step']) for r in rows]
+    for i, k in enumerate(keys):
+        fig.add_trace(go.Scatter(x=steps, y=[float(r[k]) for r in rows], mode='lines', name=k, showlegend=False), 1, i + 1)
+        fig.update_xaxes(title_text='step', row=1, col=i + 1)
+    fig.update_layout(height=320, margin=dict(l=40, r=10, t=30, b=40))
     return fig
 
 def reconstruction_figure(method, x):

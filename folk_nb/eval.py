@@ -558,9 +558,12 @@ def robustness_probe(
 
 # %% ../nbs/42_eval.ipynb #03ebb2cc
 def _epochs_done(ckpt: dict):
-    "Pre-training epochs a checkpoint has done (fractional mid-epoch), from its step and schedule."
+    "Pre-training epochs a checkpoint has done (fractional mid-epoch), from its step and the loader's length."
     step, total, cfg = ckpt.get('step'), ckpt.get('total_steps'), ckpt.get('train_config') or {}
-    if isinstance(step, int) and isinstance(total, int) and total > 0 and cfg.get('max_steps') is None and cfg.get('epochs'):
+    per_epoch = ckpt.get('steps_per_epoch')
+    if isinstance(step, int) and isinstance(per_epoch, int) and per_epoch > 0: return round(step / per_epoch, 4)
+    if (isinstance(step, int) and isinstance(total, int) and total > 0 and cfg.get('max_steps') is None and cfg.get('epochs')
+            and not cfg.get('time_budget_min')):    # older checkpoints: the schedule spanned exactly `epochs`
         return round(step * cfg['epochs'] / total, 4)
     return ckpt.get('epoch')
 

@@ -258,7 +258,7 @@ class Trainer:
                     model=m.state_dict(), optimizer=self.optimizer.state_dict(), step=self.step, epoch=self.epoch,
                     batch_in_epoch=self.batch_in_epoch, nonfinite_total=self.nonfinite_total, rng=all_rng,
                     world_size=self.dist.world_size, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                    train_seconds=self.train_seconds, calibration=self.calibration)
+                    train_seconds=self.train_seconds, calibration=self.calibration, steps_per_epoch=self.steps_per_epoch)
 
     def save(self, path=None) -> Path | None:
         "Write a checkpoint atomically (rank 0 writes; every rank takes part in gathering RNG states)."

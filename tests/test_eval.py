@@ -524,3 +524,15 @@ def test_run_facts_use_the_cumulative_training_time(tmp_path):
     assert facts == dict(img_per_s=1000.0, gpu_minutes=150.0 * 2 / 60, train_device='NVIDIA H100 80GB HBM3')
     (tmp_path / 'config.json').write_text(json.dumps(dict(device='cpu', world_size=1)))
     assert _run_facts(tmp_path / 'checkpoints' / 'last.pt')['gpu_minutes'] is None
+
+
+def test_epochs_done_counts_loader_passes_also_for_time_budgeted_runs():
+    "epochs = step / steps per epoch; a time-budgeted run's schedule length (capped by a huge `epochs`) must not enter it."
+    from folk_nb.eval import _epochs_done
+    budgeted = dict(step=2274, total_steps=2447, epoch=23, steps_per_epoch=97,
+                    train_config=dict(epochs=100000, max_steps=None, time_budget_min=2.0))
+    assert _epochs_done(budgeted) == round(2274 / 97, 4)
+    old_budgeted = {k: v for k, v in budgeted.items() if k != 'steps_per_epoch'}
+    assert _epochs_done(old_budgeted) == 23                       # no loader length saved: whole epochs done
+    old_epochs = dict(step=30, total_steps=60, epoch=1, train_config=dict(epochs=4, max_steps=None))
+    assert _epochs_done(old_epochs) == 2.0                        # the schedule spanned exactly 4 epochs

@@ -1,18 +1,15 @@
 "SpectrumExplorer in a real JupyterLab: run nbs/04_spectrum_explorer.ipynb, move its controls, see the plot change."
-import base64
-import io
 import re
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from viewer_checks import drawn_keep_mask
 
 pytestmark = pytest.mark.browser
 
 NOTEBOOK = '04_spectrum_explorer.ipynb'
 SIZE = 96                    # the notebook shows SpectrumExplorer(size=96)
-KEEP_TRACE = 2               # panels: image, log-amplitude, keep-mask, masked spectrum, filtered, removed
 
 
 def kept_bins(info: str) -> int:
@@ -23,19 +20,10 @@ def kept_bins(info: str) -> int:
     return int(m.group(1).replace(',', ''))
 
 
-def drawn_keep_mask(ex) -> np.ndarray:
-    "The keep-mask panel as the browser holds it: the PNG source of its plotly Image trace, decoded (True = white = kept)."
-    uri = ex.plot().evaluate('(el, i) => el.data[i].source', KEEP_TRACE)
-    assert isinstance(uri, str) and uri.startswith('data:image/png;base64,'), f'keep-mask trace source: {str(uri)[:60]!r}'
-    a = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(',', 1)[1]))))
-    assert a.shape == (SIZE, SIZE) and set(np.unique(a)) <= {0, 255}, (a.shape, np.unique(a)[:8])
-    return a == 255
-
-
 def check_plot_matches_info(ex, step: str) -> int:
     "The keep-mask panel drawn in the browser holds exactly the kept bins the info line reports; return that count."
     info = ex.html_text('kept')
-    kept = int(drawn_keep_mask(ex).sum())
+    kept = int(drawn_keep_mask(ex, SIZE).sum())
     assert kept == kept_bins(info), f'{step}: the keep-mask panel has {kept} white bins, info says {info!r}'
     return kept
 

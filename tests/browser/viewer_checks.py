@@ -1,7 +1,10 @@
 "Facts the browser tests check on the ReconstructionViewer and SpectrumExplorer, from what the page shows."
+import base64
+import io
 import re
 
 import numpy as np
+from PIL import Image
 
 KEPT = 6            # ReconstructionViewer trace: kept fraction per ring
 KEEP_MASK = 2       # SpectrumExplorer trace: the keep-mask panel
@@ -34,11 +37,19 @@ def check_kept_profile(rv, size: int, step: str) -> int:
 
 def check_keep_mask(ex, size: int, step: str) -> int:
     "SpectrumExplorer: the keep-mask panel drawn holds exactly the kept bins the info line reports."
-    keep = ex.trace_values(KEEP_MASK)
-    assert keep['count'] == size * size and keep['min'] >= 0 and keep['max'] <= 1, (step, keep)
+    keep = drawn_keep_mask(ex, size)
     kept = kept_bins(ex.html_text('kept'), size)
-    assert keep['sum'] == kept, f'{step}: keep-mask panel sums to {keep["sum"]}, info says {kept}'
+    assert int(keep.sum()) == kept, f'{step}: the keep-mask panel has {int(keep.sum())} white bins, info says {kept}'
     return kept
+
+
+def drawn_keep_mask(ex, size: int) -> np.ndarray:
+    "SpectrumExplorer's keep-mask panel as the browser holds it: its Image trace's PNG source, decoded (True = kept)."
+    uri = ex.plot().evaluate('(el, i) => el.data[i].source', KEEP_MASK)
+    assert isinstance(uri, str) and uri.startswith('data:image/png;base64,'), f'keep-mask trace source: {str(uri)[:60]!r}'
+    a = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(',', 1)[1]))))
+    assert a.shape == (size, size) and set(np.unique(a)) <= {0, 255}, (a.shape, np.unique(a)[:8])
+    return a == 255
 
 
 def patch_counts(info: str, patches: int) -> tuple:
