@@ -15,7 +15,7 @@ from .mfm import (build_backbone, create_mfm_head, mfm_reconstruct, mfm_loss, mf
                          check_radius, check_nonnegative, default_low_pass_prob)
 
 # %% auto #0
-__all__ = ['MASKS', 'swapped_distillation_loss', 'update_center', 'teacher_temperature', 'FOLK']
+__all__ = ['MASKS', 'swapped_distillation_loss', 'update_center', 'teacher_temperature', 'scale_thresholds', 'FOLK']
 
 # %% ../nbs/32_folk.ipynb #926edbb7
 def swapped_distillation_loss(
@@ -79,6 +79,16 @@ def _check_thresholds(thresholds) -> list:
     return [float(t) for t in thresholds]
 
 # %% ../nbs/32_folk.ipynb #d1628a4c
+def scale_thresholds(
+    thresholds,              # Com / RCom thresholds, fractions of the DC amplitude in (0, 1]
+    side: int,               # shorter side of the images being masked
+    thresholds_size=224,     # image side the thresholds are stated for (None: use them as given)
+) -> tuple:                  # thresholds for images of this side, each in (0, 1]
+    "Scale FOLK thresholds stated for `thresholds_size` px images to images whose shorter side is `side`."
+    if thresholds_size is None: return tuple(thresholds)
+    return tuple(min(1.0, t * thresholds_size / side) for t in thresholds)
+
+# %% ../nbs/32_folk.ipynb #56b6f364
 class FOLK(Method):
     "FOLK: MFM on adaptively filtered views plus distillation from an EMA teacher that sees the original views."
     name, recipe = 'folk', 'folk'
@@ -91,6 +101,7 @@ class FOLK(Method):
                  model_kwargs: dict | None = None,  # extra timm keyword arguments
                  mask: str = 'folk',             # 'folk' (Com / RCom) or 'mfm' (low/high-pass discs, for ablations)
                  thresholds=(0.005, 0.01, 0.05), # mask='folk': candidate thresholds, one drawn per image
+                 thresholds_size: int | None = 224,  # mask='folk': image side the thresholds are stated for (scaled to min(H, W); None: as given)
                  com_prob: float = 0.5,          # mask='folk': probability of Com (else RCom)
                  radius=None,                    # mask='mfm': disc radius (as in MFM)
                  low_pass_prob: float | None = None,  # mask='mfm': low-pass probability; None: 0.5 ViT, 0.3 CNN
@@ -111,6 +122,7 @@ class FOLK(Method):
                 ):
         if mask not in MASKS: raise ValueError(f"mask must be one of {', '.join(map(repr, MASKS))}, got {mask!r}")
         thresholds, radius = _check_thresholds(thresholds), check_radius(radius)
+        if thresholds_size is not None: thresholds_size = _check_positive(thresholds_size, 'thresholds_size', int)
         com_prob = check_probability(com_prob, 'com_prob')
         if low_pass_prob is not None: low_pass_prob = check_probability(low_pass_prob, 'low_pass_prob')
         gamma, distill_weight = check_nonnegative(gamma, 'gamma'), check_nonnegative(distill_weight, 'distill_weight')
@@ -123,7 +135,7 @@ class FOLK(Method):
         center_momentum = check_probability(center_momentum, 'center_momentum')
         momentum_start, momentum_end = check_probability(momentum_start, 'momentum_start'), check_probability(momentum_end, 'momentum_end')
         super().__init__(model=model, img_size=img_size, patch_size=patch_size, cifar_stem=cifar_stem, model_kwargs=model_kwargs,
-                         mask=mask, thresholds=thresholds, com_prob=com_prob, radius=radius, low_pass_prob=low_pass_prob,
+                         mask=mask, thresholds=thresholds, thresholds_size=thresholds_size, com_prob=com_prob, radius=radius, low_pass_prob=low_pass_prob,
                          gamma=gamma, out_dim=out_dim, head_hidden_dim=head_hidden_dim, head_bottleneck_dim=head_bottleneck_dim,
                          head_layers=head_layers, norm_last_layer=bool(norm_last_layer), distill_weight=distill_weight,
                          student_temp=student_temp, teacher_temp_start=teacher_temp_start, teacher_temp_end=teacher_temp_end,
@@ -140,15 +152,16 @@ class FOLK(Method):
         self.register_buffer('center', torch.zeros(1, out_dim))
         self.mask_kind, self.thresholds, self.com_prob, self.radius, self.gamma = mask, thresholds, com_prob, radius, gamma
         self.low_pass_prob = default_low_pass_prob(self.backbone.kind) if low_pass_prob is None else low_pass_prob
+        self.thresholds_size = thresholds_size
         self.distill_weight, self.student_temp, self.center_momentum = distill_weight, student_temp, center_momentum
         self.teacher_temp, self.momentum = teacher_temp_start, momentum_start   # set per step by `schedule`
 
     def mask(self,
              x: Tensor,  # images (B, 3, H, W) in [0, 1]
             ) -> tuple:  # (filtered images, bool keep-mask (B, 1, H, W))
-        "The student's inputs: Com / RCom (or MFM's discs) per image."
+        "The student's inputs: Com / RCom (or MFM's discs) per image, thresholds scaled to the image size."
         if self.mask_kind == 'mfm': return mfm_filter(x, self.radius, self.low_pass_prob)
-        return folk_filter(x, self.thresholds, self.com_prob)
+        return folk_filter(x, scale_thresholds(self.thresholds, min(x.shape[-2:]), self.thresholds_size), self.com_prob)
 
     def schedule(self,
                  step: int,         # optimiser step about to run

@@ -70,18 +70,22 @@ def test_teacher_sees_originals_and_student_only_filtered_views(config):
         for k in torch.cat([out['keep'], out['keep_v']])[:, 0]: assert torch.equal(k, disc) or torch.equal(k, ~disc)
 
 
-def test_folk_masks_are_com_or_rcom_at_one_of_the_thresholds():
+@pytest.mark.parametrize('thresholds_size, scale', [(224, 224 / 32), (None, 1.0), (64, 2.0)])
+def test_folk_masks_are_com_or_rcom_at_one_of_the_thresholds_scaled_to_the_image_size(thresholds_size, scale):
+    # 32 px views: the thresholds are stated for `thresholds_size` px images (None: as given), so they scale by it / 32
     torch.manual_seed(0)
-    m = FOLK(**TINY_VIT)
+    m = FOLK(**TINY_VIT, thresholds_size=thresholds_size)
     u, v = two_views(6)
+    assert u.shape[-2:] == (32, 32)
     out = m({'views': [u, v]})
+    used = []
     for x, keep in ((u, out['keep']), (v, out['keep_v'])):
         for i in range(len(x)):
-            candidates = []
-            for t in (0.005, 0.01, 0.05):
-                com, _ = ref.com(x[i].numpy(), t)
-                candidates += [com, ~com]
-            assert any(np.array_equal(keep[i, 0].numpy(), c) for c in candidates)
+            found = [t for t in (0.005, 0.01, 0.05) for com in [ref.com(x[i].numpy(), min(1.0, t * scale))[0]]
+                     if np.array_equal(keep[i, 0].numpy(), com) or np.array_equal(keep[i, 0].numpy(), ~com)]
+            assert found, i
+            used += found
+    assert len(set(used)) > 1                      # the thresholds are drawn per image
 
 
 # ------------------------------------------------------------------ gradients
@@ -262,6 +266,8 @@ def test_center_update_runs_in_a_real_process_group(tmp_path):
     (dict(mask='patch'), "mask must be one of 'folk', 'mfm'"),
     (dict(thresholds=()), 'thresholds must be'),
     (dict(thresholds=(0.01, 1.5)), 'thresholds must be'),
+    (dict(thresholds_size=0), 'thresholds_size must be a positive integer'),
+    (dict(thresholds_size=22.4), 'thresholds_size must be a positive integer'),
     (dict(com_prob=2), 'com_prob must be a probability'),
     (dict(low_pass_prob=-1), 'low_pass_prob must be a probability'),
     (dict(radius=-2), 'radius must be'),
@@ -288,6 +294,7 @@ def test_defaults_follow_the_spec():
     import inspect
     p = inspect.signature(FOLK).parameters
     assert p['thresholds'].default == (0.005, 0.01, 0.05) and p['com_prob'].default == 0.5
+    assert p['thresholds_size'].default == 224      # the published thresholds, for 224 px images
     assert p['out_dim'].default == 65536 and p['student_temp'].default == 0.1 and p['distill_weight'].default == 1.0
     assert (p['teacher_temp_start'].default, p['teacher_temp_end'].default) == (0.04, 0.07)
     assert (p['momentum_start'].default, p['momentum_end'].default, p['center_momentum'].default) == (0.996, 1.0, 0.9)
