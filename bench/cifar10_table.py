@@ -97,10 +97,8 @@ def main(argv=None) -> int:
                     ev_argv = ['--checkpoint', str(ckpt), '--data', 'cifar10', '--root', a.data_root, '--protocol', protocol,
                                '--out', a.results, *sub, *(['--device', a.device] if a.device else [])]
                     print('folk_nb_eval', ' '.join(ev_argv), flush=True)
-                    before = set(Path(a.results).glob('*.json'))
-                    ev.main(ev_argv)
-                    new = sorted(set(Path(a.results).glob('*.json')) - before)
-                    row[protocol] = round(float(json.loads(new[-1].read_text())['value']), 4) if new else None
+                    (record,) = ev.evaluate(ev_argv)     # knn and linear write one record each
+                    row[protocol] = round(float(record['value']), 4)
             except Exception:
                 traceback.print_exc()
                 row['error'] = traceback.format_exc().strip().splitlines()[-1]

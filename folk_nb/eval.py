@@ -22,7 +22,7 @@ __all__ = ['POOLS', 'AMP_MODES', 'CORRUPTIONS', 'SEVERITIES', 'NOISE_STD', 'BLUR
            'knn_predict', 'knn_accuracy', 'LinearClassifier', 'few_shot_indices', 'train_linear', 'evaluate_linear',
            'linear_probe', 'FineTuneClassifier', 'fine_tune', 'jpeg_quant_table', 'jpeg_compress', 'corrupt',
            'robustness_probe', 'load_method', 'git_commit', 'describe_device', 'check_record', 'write_result',
-           'read_results', 'main']
+           'read_results', 'evaluate', 'main']
 
 # %% ../nbs/42_eval.ipynb #be31125f
 POOLS = ('default', 'cls', 'mean', 'cls+mean')
@@ -634,17 +634,21 @@ def check_record(
     return {k: _jsonable(v, k) for k, v in record.items()}
 
 # %% ../nbs/42_eval.ipynb #578e13b6
-def write_result(
-    record: dict,             # method, model, data, protocol, metric, value, epochs, gpu_minutes, img_per_s (+ any extras)
-    results_dir='results',    # folder of the JSON records
-) -> Path:                    # the file written
-    "Write one result as a JSON file (git commit, device, date and command filled in when absent; atomic)."
+def _complete_record(record: dict) -> dict:
+    "A record as `write_result` stores it: command, git commit, device and date filled in when absent; checked, JSON-safe."
     r = dict(record)
     r.setdefault('command', shlex.join(sys.argv))
     r.setdefault('git_commit', git_commit())
     r.setdefault('device', describe_device())
     r.setdefault('date', datetime.now(timezone.utc).isoformat(timespec='seconds'))
-    r = check_record({'format': RESULT_FORMAT, **r})
+    return check_record({'format': RESULT_FORMAT, **r})
+
+def write_result(
+    record: dict,             # method, model, data, protocol, metric, value, epochs, gpu_minutes, img_per_s (+ any extras)
+    results_dir='results',    # folder of the JSON records
+) -> Path:                    # the file written
+    "Write one result as a JSON file (git commit, device, date and command filled in when absent; atomic)."
+    r = _complete_record(record)
     folder = Path(results_dir)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = re.sub(r'[^0-9T]', '', r['date'][:19])
@@ -731,8 +735,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/42_eval.ipynb #fb732358
-def main(argv=None) -> int:
-    "The `folk_nb_eval` command: evaluate a checkpoint with one protocol, print the accuracy, write the record(s)."
+def evaluate(
+    argv=None,  # `folk_nb_eval`'s arguments (default: sys.argv[1:])
+) -> list:      # the records as written, each with `_file` (its file name under --out; None with --no-write)
+    "Evaluate a checkpoint with one protocol as `folk_nb_eval` does: print the accuracy, write the record(s), return them."
     from folk_nb.data import dataset_tensors
     args = _parser().parse_args(argv)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -796,7 +802,16 @@ def main(argv=None) -> int:
                                     **counts))
                 print(f"few-shot linear probe, {frac:.0%} of the labels ({rs[0]['n_train']} images): top-1 "
                       f"{np.mean(accs):.4f} +- {np.std(accs):.4f} over seeds {list(args.seeds)}")
+    seconds, done = time.perf_counter() - t0, []
     for r in records:
-        r['eval_seconds'] = time.perf_counter() - t0
-        if not args.no_write: print(f"wrote {write_result(r, args.out)}")
+        r = _complete_record(dict(r, eval_seconds=seconds))
+        path = None if args.no_write else write_result(r, args.out)
+        if path: print(f"wrote {path}")
+        done.append({**r, '_file': path.name if path else None})
+    return done
+
+# %% ../nbs/42_eval.ipynb #93f0b105
+def main(argv=None) -> int:
+    "The `folk_nb_eval` command: evaluate a checkpoint with one protocol, print the accuracy, write the record(s)."
+    evaluate(argv)
     return 0

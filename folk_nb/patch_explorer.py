@@ -170,6 +170,28 @@ def _discrete_scale(colors) -> list:
 def _error_html(text: str) -> str: return f"<span style='color:#b00'>{html.escape(text)}</span>"
 def _note_html(text: str) -> str: return f"<span style='color:#a60'>{html.escape(text)}</span>"
 
+def _panel_figure(
+    grid: tuple,        # (rows, cols) of panels
+    titles: tuple,      # one title per panel, row by row
+    image_cells,        # (row, col) of the panels that start with a blank image, in trace order
+    size: int,          # side of the blank images
+    png_level: int,     # zlib level of the blank PNG
+    spacing: tuple,     # (horizontal, vertical) space between panels, fractions of the figure
+    figsize: tuple,     # (width, height) in px
+) -> go.Figure:         # the blank images are its first traces; add the overlays, then wrap it in a FigureWidget
+    "An explorer's blank figure: square panels without ticks or grid lines, blank images in `image_cells`."
+    fig = make_subplots(rows=grid[0], cols=grid[1], subplot_titles=titles,
+                        horizontal_spacing=spacing[0], vertical_spacing=spacing[1])
+    blank = to_png_data_uri(np.zeros((size, size), np.uint8), png_level)
+    for r, c in image_cells: fig.add_trace(go.Image(source=blank, hoverinfo='skip'), row=r, col=c)
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain='domain')
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, constrain='domain')
+    for i in range(1, grid[0] * grid[1] + 1):
+        n = '' if i == 1 else i
+        fig.layout[f'yaxis{n}'].scaleanchor = f'x{n}'                                 # square pixels
+    fig.update_layout(height=figsize[1], width=figsize[0], margin=dict(l=5, r=5, t=30, b=5), plot_bgcolor='white')
+    return fig
+
 # %% ../nbs/13_patch_explorer.ipynb #afa2e940
 class _ImageSource:
     "Sample images and uploads, loaded at the current size and cached."
@@ -250,8 +272,6 @@ class PatchMaskExplorer(ExplorerBox):
         self.info, self.message = widgets.HTML(), widgets.HTML()
         self.seed, self.attention_passes, self._attention = 0, 0, {}
         self._busy, self._note, self._uint8 = False, '', (None, None)
-        self.fig = go.FigureWidget(make_subplots(rows=2, cols=2, subplot_titles=PATCH_PANEL_TITLES,
-                                                 horizontal_spacing=0.04, vertical_spacing=0.07))
         self._set_model(vit)
         self._init_traces()
         for w in (self.image, self.layer, self.head, self.mode, self.smooth, self.prior, self.mix, self.alpha):
@@ -285,23 +305,18 @@ class PatchMaskExplorer(ExplorerBox):
         finally: self._busy = False
 
     def _init_traces(self):
-        s = self.size
-        blank = to_png_data_uri(np.zeros((s, s), np.uint8), self.png_level)
+        fig = _panel_figure((2, 2), PATCH_PANEL_TITLES, ((1, 1), (1, 2), (2, 2)), self.size, self.png_level,
+                            spacing=(0.04, 0.07), figsize=(640, 640))
         grid = np.zeros((2, 2))
-        for r, c in ((1, 1), (1, 2), (2, 2)): self.fig.add_trace(go.Image(source=blank, hoverinfo='skip'), row=r, col=c)
-        self.fig.add_trace(go.Heatmap(z=grid, colorscale='Inferno', opacity=0.6, showscale=False, zmin=0, zmax=1,
-                                      hovertemplate='attention %{z:.3f}<extra></extra>'), row=1, col=2)
-        self.fig.add_trace(go.Heatmap(z=grid, colorscale='Viridis', showscale=False, xgap=1, ygap=1,
-                                      hovertemplate='weight %{z:.4f}<extra></extra>'), row=2, col=1)
-        self.fig.add_trace(go.Heatmap(z=grid, colorscale=_discrete_scale(SPLIT_COLORS), zmin=0, zmax=2, showscale=False,
-                                      text=grid.astype(str), hovertemplate='%{text}<extra></extra>', xgap=1, ygap=1),
-                           row=2, col=2)
-        self.fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain='domain')
-        self.fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, constrain='domain')
-        for i in range(1, 5): self.fig.layout[f"yaxis{'' if i == 1 else i}"].scaleanchor = f"x{'' if i == 1 else i}"
-        self.fig.update_layout(height=640, width=640, margin=dict(l=5, r=5, t=30, b=5), plot_bgcolor='white')
+        fig.add_trace(go.Heatmap(z=grid, colorscale='Inferno', opacity=0.6, showscale=False, zmin=0, zmax=1,
+                                 hovertemplate='attention %{z:.3f}<extra></extra>'), row=1, col=2)
+        fig.add_trace(go.Heatmap(z=grid, colorscale='Viridis', showscale=False, xgap=1, ygap=1,
+                                 hovertemplate='weight %{z:.4f}<extra></extra>'), row=2, col=1)
+        fig.add_trace(go.Heatmap(z=grid, colorscale=_discrete_scale(SPLIT_COLORS), zmin=0, zmax=2, showscale=False,
+                                 text=grid.astype(str), hovertemplate='%{text}<extra></extra>', xgap=1, ygap=1),
+                      row=2, col=2)
         self._shown = None
-        self.fig = go.FigureWidget(self.fig)   # a widget created with every trace: complete first drawing
+        self.fig = go.FigureWidget(fig)   # a widget created with every trace: complete first drawing
 
     def current_image(self) -> Tensor:
         "The selected image as (3, size, size)."
@@ -486,8 +501,6 @@ class SaliencyExplorer(ExplorerBox):
         self.resample = widgets.Button(description='resample', tooltip='draw the ratios and patches again (new seed)')
         self.info, self.message = widgets.HTML(), widgets.HTML()
         self.seed, self.saliency_passes, self._saliency, self._shown, self._busy = 0, 0, {}, None, False
-        self.fig = go.FigureWidget(make_subplots(rows=2, cols=3, subplot_titles=SALIENCY_PANEL_TITLES,
-                                                 horizontal_spacing=0.03, vertical_spacing=0.08))
         self._init_traces()
         for w in (self.image, self.source, self.k, self.query_ratio, self.hard_negative_ratio, self.fill):
             w.observe(self.update, names='value')
@@ -502,25 +515,22 @@ class SaliencyExplorer(ExplorerBox):
     def size(self) -> int: return self.images.size
 
     def _init_traces(self):
-        blank, grid = to_png_data_uri(np.zeros((self.size, self.size), np.uint8), self.png_level), np.zeros((2, 2))
-        for i in range(6): self.fig.add_trace(go.Image(source=blank, hoverinfo='skip'), row=1 + i // 3, col=1 + i % 3)
-        self.fig.add_trace(go.Heatmap(z=grid, colorscale='Inferno', showscale=False, zmin=0, zmax=1,
-                                      hovertemplate='saliency (min-max scaled) %{z:.3f}<extra></extra>'), row=1, col=2)
-        self.fig.add_trace(go.Heatmap(z=grid, colorscale=_discrete_scale(FOREGROUND_COLORS), zmin=0, zmax=1,
-                                      showscale=False, xgap=1, ygap=1, text=grid.astype(str),
-                                      hovertemplate='%{text}<extra></extra>'), row=1, col=3)
-        self.fig.add_trace(go.Heatmap(z=grid, colorscale=_discrete_scale(MASK_COLORS), zmin=0, zmax=3, showscale=False,
-                                      xgap=1, ygap=1, text=grid.astype(str), hovertemplate='%{text}<extra></extra>'),
-                           row=2, col=3)
-        self.fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain='domain')
-        self.fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, constrain='domain')
+        fig = _panel_figure((2, 3), SALIENCY_PANEL_TITLES, [(1 + i // 3, 1 + i % 3) for i in range(6)], self.size,
+                            self.png_level, spacing=(0.03, 0.08), figsize=(840, 560))
         s = self.size
-        for i in range(1, 7):
+        for i in range(1, 7):                 # axes on the image's pixels, set once: the size never changes
             n = '' if i == 1 else i
-            self.fig.layout[f'yaxis{n}'].update(scaleanchor=f'x{n}', range=(s - 0.5, -0.5))
-            self.fig.layout[f'xaxis{n}'].range = (-0.5, s - 0.5)
-        self.fig.update_layout(height=560, width=840, margin=dict(l=5, r=5, t=30, b=5), plot_bgcolor='white')
-        self.fig = go.FigureWidget(self.fig)   # a widget created with every trace: complete first drawing
+            fig.layout[f'yaxis{n}'].range, fig.layout[f'xaxis{n}'].range = (s - 0.5, -0.5), (-0.5, s - 0.5)
+        grid = np.zeros((2, 2))
+        fig.add_trace(go.Heatmap(z=grid, colorscale='Inferno', showscale=False, zmin=0, zmax=1,
+                                 hovertemplate='saliency (min-max scaled) %{z:.3f}<extra></extra>'), row=1, col=2)
+        fig.add_trace(go.Heatmap(z=grid, colorscale=_discrete_scale(FOREGROUND_COLORS), zmin=0, zmax=1,
+                                 showscale=False, xgap=1, ygap=1, text=grid.astype(str),
+                                 hovertemplate='%{text}<extra></extra>'), row=1, col=3)
+        fig.add_trace(go.Heatmap(z=grid, colorscale=_discrete_scale(MASK_COLORS), zmin=0, zmax=3, showscale=False,
+                                 xgap=1, ygap=1, text=grid.astype(str), hovertemplate='%{text}<extra></extra>'),
+                      row=2, col=3)
+        self.fig = go.FigureWidget(fig)   # a widget created with every trace: complete first drawing
 
     def current_image(self) -> Tensor:
         "The selected image as (3, size, size)."

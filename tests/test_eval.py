@@ -19,7 +19,7 @@ import torch.nn as nn
 from folk_nb.eval import (POOLS, FeaturePool, feature_fn, extract_features, knn_predict, knn_accuracy, few_shot_indices,
                           train_linear, evaluate_linear, linear_probe, fine_tune, CORRUPTIONS, SEVERITIES, NOISE_STD,
                           CONTRAST, JPEG_QUALITY, corrupt, jpeg_compress, jpeg_quant_table, robustness_probe, load_method,
-                          RESULT_FIELDS, write_result, read_results, check_record, main)
+                          RESULT_FIELDS, write_result, read_results, check_record, evaluate, main)
 from folk_nb.models import create_backbone, normalize_images
 from folk_nb.methods import Method, METHODS, create_method
 from folk_nb.images import sample_images
@@ -465,6 +465,51 @@ def test_cli_random_init_baseline(tmp_path, tiny_registered):
     assert len({r['value'] for r in read_results(out)}) == 1
     with pytest.raises(SystemExit):   # one source only
         main(['--random-init', 'tiny_eval_test', '--checkpoint', 'x.pt', '--data', 'samples'])
+
+
+def test_evaluate_returns_exactly_the_records_it_wrote(tmp_path, tiny_registered, capsys):
+    ckpt = train_checkpoint(create_method('tiny_eval_test'), tmp_path / 'run')
+    out = tmp_path / 'results'
+    common = ['--checkpoint', str(ckpt), '--data', 'samples', '--out', str(out), '--device', 'cpu', '--epochs', '5',
+              '--min-steps', '40']
+    knn = evaluate(common + ['--protocol', 'knn'])
+    few = evaluate(common + ['--protocol', 'fewshot', '--fractions', '0.5', '1.0', '--seeds', '0'])
+    assert [(r['protocol'], r['metric']) for r in knn] == [('knn', 'top1')]
+    assert [(r['protocol'], r['metric'], r['label_fraction']) for r in few] == [('fewshot', 'top1', 0.5), ('fewshot', 'top1', 1.0)]
+    on_disk = {r['_file']: r for r in read_results(out)}
+    assert len(on_disk) == 3 and len(list(out.iterdir())) == 3
+    for r in knn + few:
+        assert on_disk[r['_file']] == r                       # the very record of that file, every field
+        assert {**json.loads((out / r['_file']).read_text()), '_file': r['_file']} == r
+    assert all(f in r for r in knn + few for f in RESULT_FIELDS)
+    text = capsys.readouterr().out
+    assert all(f"wrote {out / r['_file']}" in text for r in knn + few)
+    # --no-write: the same kind of record, complete, but no file
+    (dry,) = evaluate(common + ['--protocol', 'knn', '--no-write'])
+    assert dry['_file'] is None and dry['value'] == knn[0]['value'] and all(f in dry for f in RESULT_FIELDS)
+    assert len(list(out.iterdir())) == 3 and 'wrote' not in capsys.readouterr().out
+
+
+def test_main_is_evaluate_with_an_exit_status(tmp_path, tiny_registered, capsys):
+    ckpt = train_checkpoint(create_method('tiny_eval_test'), tmp_path / 'run')
+    out = tmp_path / 'results'
+    assert main(['--checkpoint', str(ckpt), '--data', 'samples', '--out', str(out), '--device', 'cpu']) == 0
+    (r,) = read_results(out)
+    assert r['protocol'] == 'knn' and r['command'].startswith('folk_nb_eval --checkpoint')
+    # a bad argument: argparse's usage error and exit status 2, as before
+    with pytest.raises(SystemExit) as e:
+        main(['--checkpoint', str(ckpt), '--protocol', 'nope'])
+    assert e.value.code == 2
+    assert "argument --protocol: invalid choice: 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(['--data', 'samples'])                           # no source
+    assert e.value.code == 2 and 'one of the arguments --checkpoint --random-init is required' in capsys.readouterr().err
+    # errors of the evaluation itself propagate with their messages
+    with pytest.raises(FileNotFoundError, match='checkpoint not found'):
+        main(['--checkpoint', str(tmp_path / 'absent.pt'), '--data', 'samples', '--out', str(out)])
+    with pytest.raises(ValueError, match='--method-config must be a JSON object'):
+        main(['--random-init', 'tiny_eval_test', '--method-config', '[1]', '--data', 'samples', '--out', str(out)])
+    assert len(read_results(out)) == 1
 
 
 def real_method_configs():
