@@ -33,8 +33,7 @@ their paper defaults, except at 32 px where FOLK has 4096 prototypes and MoCo a 
 settings; `--method-kwargs` overrides). The table goes to
 stdout; one JSON line per configuration (with device, date, command) is appended to bench/results/train_step.jsonl.
 """
-import argparse, json, math, os, platform, shlex, sys, tempfile, time, traceback
-from datetime import datetime, timezone
+import argparse, json, os, platform, sys, tempfile, time, traceback
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,7 +43,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from folk_nb.methods import METHODS, create_method
 
-RESULTS = Path(__file__).resolve().parent / 'results' / 'train_step.jsonl'
+if str(Path(__file__).resolve().parent) not in sys.path: sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, load_average, warn_if_busy, load_pair, command_line, append_rows  # noqa: E402
+
+RESULTS = RESULTS_DIR / 'train_step.jsonl'
 
 MODELS = {
     'vit_s16_224': dict(model='vit_small_patch16_224', img_size=224),
@@ -129,11 +131,9 @@ def timed(fn, warmup: int, steps: int, device: torch.device) -> tuple:
     return dt, (torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None)
 
 
-def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: int, device: torch.device,
-              amp: str = 'auto', compile: bool = False, peak_flops: float = None, method_kwargs: dict = None,
-              at: float = 0.0) -> dict:
-    "Measure one method x model; returns a row with status 'ok', 'skipped: ...', 'oom' or 'error: ...'."
-    from folk_nb.trainer import Trainer, TrainConfig, DistInfo
+def build_method(method_name: str, model_key: str, batch: int, device: torch.device, method_kwargs: dict = None,
+                 at: float = 0.0) -> tuple:
+    "(the method on `device` in train mode, its row), or (None, the row with a 'skipped: ...' status)."
     cfg = MODELS[model_key]
     row = dict(method=method_name, model=model_key, timm_model=cfg['model'], img_size=cfg['img_size'], batch=batch, at=at)
     small = SMALL_DATA_KWARGS.get(method_name, {}) if cfg['img_size'] <= 64 else {}
@@ -143,15 +143,37 @@ def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: 
     try:
         method = create_method(method_name, **kwargs)
     except (ImportError, AttributeError) as e:
-        return dict(row, status=f'skipped: module not available ({type(e).__name__}: {e})')
+        return None, dict(row, status=f'skipped: module not available ({type(e).__name__}: {e})')
     except (ValueError, TypeError) as e:
-        return dict(row, status=f'skipped: {str(e)[:160]}')
+        return None, dict(row, status=f'skipped: {str(e)[:160]}')
     method.to(device).train()
     if at: method.schedule(int(at * 10 ** 6), 10 ** 6)       # the schedule's state at that point of a run
+    return method, row
+
+
+def first_batch(method, model_key: str, batch: int, device: torch.device, at: float = 0.0) -> dict:
+    "The fixed batch every step reuses; at `at` > 0 the method sees it once first (FAMT's attention refresh: not timed)."
+    b = make_batch(method.recipe, MODELS[model_key]['img_size'], batch, device)
+    if at:
+        with torch.no_grad(): method(b)
+    return b
+
+
+def make_trainer(method, b: dict, batch: int, device: torch.device, amp: str, compile: bool, out_dir: str):
+    "The trainer whose `train_step` is measured (schedule of 10^6 steps, nothing logged)."
+    from folk_nb.trainer import Trainer, TrainConfig, DistInfo
+    tc = TrainConfig(amp=amp, compile=compile, out_dir=out_dir, progress=False, max_steps=10 ** 6)
+    return Trainer(method, _OneBatch(b, batch), tc, dist_info=DistInfo(device=device))
+
+
+def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: int, device: torch.device,
+              amp: str = 'auto', compile: bool = False, peak_flops: float = None, method_kwargs: dict = None,
+              at: float = 0.0) -> dict:
+    "Measure one method x model; returns a row with status 'ok', 'skipped: ...', 'oom' or 'error: ...'."
+    method, row = build_method(method_name, model_key, batch, device, method_kwargs, at)
+    if method is None: return row
     try:
-        b = make_batch(method.recipe, cfg['img_size'], batch, device)
-        if at:                                               # e.g. FAMT's attention refresh of this batch: not counted
-            with torch.no_grad(): method(b)
+        b = first_batch(method, model_key, batch, device, at)
         # FLOPs: one fp32 forward + backward
         flops = count_flops(lambda: method(b)['loss'].backward())
         method.zero_grad(set_to_none=True)
@@ -159,8 +181,7 @@ def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: 
         row['params_m'] = sum(p.numel() for p in method.parameters() if p.requires_grad) / 1e6
         # the trainer's step
         with tempfile.TemporaryDirectory() as tmp:
-            tc = TrainConfig(amp=amp, compile=compile, out_dir=tmp, progress=False, max_steps=10 ** 6)
-            trainer = Trainer(method, _OneBatch(b, batch), tc, dist_info=DistInfo(device=device))
+            trainer = make_trainer(method, b, batch, device, amp, compile, tmp)
             dt, mem = timed(lambda: trainer.train_step(b), warmup, steps, device)
             del trainer
         # the plain eager fp32 step
@@ -240,7 +261,7 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     method_kwargs = json.loads(args.method_kwargs)
 
-    load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    load_before = load_average()
     peak = matmul_peak(device)
     print(f"device {describe(device)}; torch {torch.__version__}; amp {args.amp}; compile {args.compile}; "
           f"{warmup} warm-up + {steps} timed steps")
@@ -257,21 +278,14 @@ def main(argv=None) -> int:
             if row['status'].startswith('skipped: module'):   # the same for every model: note it once
                 rows += [dict(row, model=m) for m in models[models.index(model_key) + 1:]]
                 break
-    load_after = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    load_after = load_average()
     print_table(rows, peak)
-    if load_before and os.cpu_count() and max(load_before[0], load_after[0]) > 1.5 * os.cpu_count():
-        print(f"note: the machine was busy (1-min load {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs): "
-              "these timings, the peak and the MFU are unreliable")
+    warn_if_busy(load_before, load_after, 1.5, "these timings, the peak and the MFU are unreliable")
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        common = dict(bench='train_step', date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
-                      command='python ' + shlex.join(sys.argv if argv is None else ['bench/train_step.py', *argv]),
-                      device=describe(device), torch=torch.__version__, threads=torch.get_num_threads(), amp=args.amp,
-                      compile=args.compile, steps=steps, warmup=warmup, method_kwargs=method_kwargs, cpu_count=os.cpu_count(),
-                      load_avg_1min=[load_before and round(load_before[0], 2), load_after and round(load_after[0], 2)], **peak)
-        with open(RESULTS, 'a') as f:
-            for r in rows: f.write(json.dumps({**common, **r}) + '\n')
-        print(f"appended {len(rows)} rows to {RESULTS}")
+        append_rows(RESULTS, rows, 'train_step', command_line('bench/train_step.py', argv), describe(device),
+                    torch=torch.__version__, threads=torch.get_num_threads(), amp=args.amp, compile=args.compile,
+                    steps=steps, warmup=warmup, method_kwargs=method_kwargs, cpu_count=os.cpu_count(),
+                    load_avg_1min=load_pair(load_before, load_after), **peak)
     return 0
 
 

@@ -22,14 +22,16 @@ stores a note with the rows (e.g. what was changed). Models have random weights 
 The table goes to stdout; one JSON line per row (with device, date, command, the 1-minute load average before and
 after) is appended to bench/results/viewers.jsonl.
 """
-import argparse, json, os, platform, shlex, statistics, sys, time
-from datetime import datetime, timezone
+import argparse, json, os, platform, statistics, sys, time
 from pathlib import Path
 
 import comm
 import torch
 
-RESULTS = Path(__file__).resolve().parent / 'results' / 'viewers.jsonl'
+if str(Path(__file__).resolve().parent) not in sys.path: sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, load_average, warn_if_busy, load_pair, command_line, append_rows  # noqa: E402
+
+RESULTS = RESULTS_DIR / 'viewers.jsonl'
 SIZE = 224
 GROUPS = ('spectrum', 'patch', 'saliency', 'reconstruction', 'attention', 'dashboard')
 MODELS = {'toy ViT (2 blocks)': dict(model='vit_tiny_patch16_224', model_kwargs=dict(depth=2)),
@@ -194,28 +196,20 @@ def main(argv=None) -> int:
     from folk_nb.spectrum_explorer import ExplorerBox
     if a.png_level is not None: ExplorerBox.png_level = a.png_level
     wire = Wire().install()
-    load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    load_before = load_average()
     rows = []
     for g in groups:
         for explorer, update, model, r in globals()[f'bench_{g}'](a.repeats, wire):
             rows.append(dict(explorer=explorer, update=update, model=model, **{k: round(v, 2) for k, v in r.items()}))
             print(f"  {explorer}: {update}, {model}: {r['wall_ms']:.1f} ms wall, {r['cpu_ms']:.1f} ms CPU", flush=True)
-    load_after = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    load_after = load_average()
     print_table(rows, a.repeats, a.threads)
-    if load_before and os.cpu_count() and max(load_before[0], load_after[0]) > 0.75 * os.cpu_count():
-        print(f"note: the machine was busy (1-min load {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs): "
-              "trust the CPU column more than the wall column")
+    warn_if_busy(load_before, load_after, 0.75, "trust the CPU column more than the wall column")
     if not a.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        common = dict(bench='viewers', date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
-                      command='python ' + shlex.join(sys.argv if argv is None else ['bench/viewers.py', *argv]),
-                      device=describe(), torch=torch.__version__, threads=a.threads, repeats=a.repeats, size=SIZE,
-                      png_level=getattr(ExplorerBox, 'png_level', None),
-                      cpu_count=os.cpu_count(), label=a.label,
-                      load_avg_1min=[load_before and round(load_before[0], 2), load_after and round(load_after[0], 2)])
-        with open(RESULTS, 'a') as f:
-            for r in rows: f.write(json.dumps({**common, **r}) + '\n')
-        print(f"appended {len(rows)} rows to {RESULTS}")
+        append_rows(RESULTS, rows, 'viewers', command_line('bench/viewers.py', argv), describe(),
+                    torch=torch.__version__, threads=a.threads, repeats=a.repeats, size=SIZE,
+                    png_level=getattr(ExplorerBox, 'png_level', None), cpu_count=os.cpu_count(), label=a.label,
+                    load_avg_1min=load_pair(load_before, load_after))
     return 0
 
 

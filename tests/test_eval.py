@@ -559,6 +559,88 @@ def test_bench_runs_one_tiny_config():
     assert row['mfu'] == pytest.approx(row['flops_per_img'] * row['img_per_s'] / 1e12)
 
 
+def load_bench_script(name):
+    spec = importlib.util.spec_from_file_location(f'bench_{name}', REPO / 'bench' / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_step_categories():
+    prof = load_bench_script('profile_step')
+    for name, cat in (('aten::addmm', 'matmul'), ('aten::convolution_backward', 'matmul'), ('aten::_fft_r2c', 'fft'),
+                      ('aten::native_layer_norm_backward', 'norm'), ('aten::_softmax', 'attention'),
+                      ('aten::_scaled_dot_product_flash_attention', 'attention'), ('aten::gelu_backward', 'elementwise'),
+                      ('aten::_log_softmax', 'reduction'), ('aten::_to_copy', 'copy'), ('aten::_fused_adamw_', 'optimizer'),
+                      ('aten::_foreach_lerp_', 'optimizer'), ('aten::frobnicate', 'other')):
+        assert prof.leaf_category(name) == cat, name
+    assert prof.kernel_category('triton_poi_fused_add_mul_0') == 'elementwise'
+    assert prof.kernel_category('sm90_xmma_gemm_bf16bf16_bf16f32') == 'matmul'
+
+
+def test_profile_step_reads_cuda_events():
+    "The CUDA branch on a hand-made timeline: kernels by launching op, ranges by time (backward on another thread)."
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+    prof = load_bench_script('profile_step')
+    n = iter(range(1, 100))
+    def host(name, start, end, thread=1, kernels=()):
+        e = FunctionEvent(id=next(n), name=name, thread=thread, start_us=start, end_us=end, use_device='cuda')
+        for k, us in kernels: e.append_kernel(k, 0, us)
+        return e
+    def gpu(name, start, end):
+        return FunctionEvent(id=next(n), name=name, thread=7, start_us=start, end_us=end, use_device='cuda',
+                             device_type=DeviceType.CUDA)
+    events = EventList([
+        host('bench::step', 0, 1000), host('bench::forward', 10, 400),
+        host('aten::linear', 20, 100), host('aten::addmm', 30, 90, kernels=[('sm90_xmma_gemm', 200)]),
+        host('cudaLaunchKernel', 40, 50), host('bench::mask', 150, 250),
+        host('aten::_local_scalar_dense', 160, 200, kernels=[('Memcpy DtoH (Device -> Pinned)', 2)]),
+        host('cudaStreamSynchronize', 170, 195), host('bench::backward', 400, 800),
+        host('aten::mm', 450, 500, thread=2, kernels=[('sm90_xmma_gemm', 300)]),          # the autograd thread
+        host('Optimizer.step#AdamW.step', 800, 950),
+        host('aten::_fused_adamw_', 810, 900, kernels=[('fused_adam_kernel', 100)]),
+        host('cudaDeviceSynchronize', 1100, 1200),                                       # the bench's own, outside
+        gpu('sm90_xmma_gemm', 100, 300), gpu('Memcpy DtoH (Device -> Pinned)', 300, 302),
+        gpu('sm90_xmma_gemm', 500, 800), gpu('fused_adam_kernel', 900, 1000), gpu('bench::step', 0, 1000)],
+        use_device='cuda')
+    events._build_tree()
+    row = prof.analyse(events, cuda=True, n_steps=1, step_ms=1.0)
+    ms = row['categories_ms']
+    assert ms['matmul'] == pytest.approx(0.5) and ms['copy'] == pytest.approx(0.002) and ms['optimizer'] == pytest.approx(0.1)
+    assert sum(row['category_shares'].values()) == pytest.approx(1.0)
+    reg = row['regions']
+    assert reg['forward']['device_ms'] == pytest.approx(0.202) and reg['backward']['device_ms'] == pytest.approx(0.3)
+    assert reg['mask']['device_ms'] == pytest.approx(0.002) and reg['mask']['host_share'] == pytest.approx(0.1)
+    assert row['mask_share'] == pytest.approx(0.002 / 0.602)
+    assert row['host_syncs'] == 1 and row['sync_sources'] == {'mask': 1} and row['syncs']['DtoH copies'] == 1
+    assert row['kernels'] == 3 and row['gpu_busy_ms'] == pytest.approx(0.602)
+    assert row['gpu_idle_share'] == pytest.approx(0.398)
+
+
+@pytest.mark.parametrize('method,model', [('mfm', 'vit_micro_p4_32'), ('saliency_moco', 'resnet18_32')])
+def test_profile_step_smoke(tmp_path, method, model):
+    "One profiled step of a tiny configuration: a JSON row with every category, shares summing to 1, the ranges gone after."
+    from folk_nb.mfm import MFM
+    prof = load_bench_script('profile_step')
+    before = (MFM.mask, torch.Tensor.backward, nn.utils.clip_grad_norm_)
+    out = tmp_path / 'profile.jsonl'
+    assert prof.main(['--device', 'cpu', '--methods', method, '--models', model, '--batch', '2', '--steps', '1',
+                      '--warmup', '0', '--out', str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row['status'] == 'ok', row
+    assert row['bench'] == 'profile_step' and row['command'].startswith('python bench/profile_step.py')
+    assert set(row['category_shares']) == set(prof.CATEGORIES)
+    assert sum(row['category_shares'].values()) == pytest.approx(1.0)
+    assert row['host_syncs'] >= 0 and row['aten_ops'] > 0 and row['step_ms'] > 0
+    assert 0 < row['mask_share'] < 1
+    assert {'forward', 'backward', 'optimizer_step'} <= set(row['regions'])
+    if method == 'saliency_moco':
+        assert row['regions']['hard_negative_key_pass']['calls'] == 1 and row['regions']['key_encoder']['calls'] == 1
+        assert 0 < row['hard_negative_pass_share'] < 1 and row['saliency_mask_share'] == row['mask_share']
+    assert (MFM.mask, torch.Tensor.backward, nn.utils.clip_grad_norm_) == before      # the bench's ranges are removed
+
+
 def test_run_facts_use_the_cumulative_training_time(tmp_path):
     "gpu_minutes comes from summary.json's train_seconds (all parts of a resumed run) times the processes; CPU runs: none."
     from folk_nb.eval import _run_facts
