@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .spectrum import check_images, filter_image, frequency_coords
+from .checks import value_checks_enabled
 
 # %% auto #0
 __all__ = ['check_vit', 'unfused_attention', 'cls_attention', 'attention_map', 'box_resample', 'boxes_from_crop_params',
@@ -167,7 +168,8 @@ def _check_boxes(boxes, b):
     bx = boxes.float()
     x0, y0, x1, y1 = bx.unbind(1)
     tol = 1e-5
-    if not torch.isfinite(bx).all() or (bx < -tol).any() or (bx > 1 + tol).any() or (x1 <= x0).any() or (y1 <= y0).any():
+    if value_checks_enabled() and bool((~torch.isfinite(bx) | (bx < -tol) | (bx > 1 + tol)).any()
+                                       | (x1 <= x0).any() | (y1 <= y0).any()):
         raise ValueError("crop_boxes: expected normalised (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1 and "
                          "0 <= y0 < y1 <= 1 (pass image_size for pixel boxes)")
     return bx.clamp(0, 1)
@@ -215,10 +217,11 @@ def boxes_from_crop_params(
         raise ValueError(f"params: expected a (B, 4) tensor of (top, left, height, width), got "
                          f"{tuple(params.shape) if isinstance(params, Tensor) else type(params).__name__}")
     p = params.float()
-    hw = torch.as_tensor(image_size, dtype=torch.float32, device=p.device)
+    hw = torch.as_tensor(image_size, dtype=torch.float32)   # numbers: on the CPU, where reading them is free
     hw = hw.reshape(-1, 2).expand(p.shape[0], 2) if hw.numel() == 2 else hw
-    if hw.shape != (p.shape[0], 2) or (hw <= 0).any():
+    if hw.shape != (p.shape[0], 2) or ((hw.device.type == 'cpu' or value_checks_enabled()) and (hw <= 0).any()):
         raise ValueError(f"image_size: expected positive (H, W) or a ({p.shape[0]}, 2) tensor, got {image_size!r}")
+    hw = hw.to(p.device)
     top, left, height, width = p.unbind(1)
     return torch.stack([left / hw[:, 1], top / hw[:, 0], (left + width) / hw[:, 1], (top + height) / hw[:, 0]], 1)
 
@@ -249,9 +252,10 @@ class AttentionBank:
         if not isinstance(indices, Tensor) or indices.ndim != 1 or indices.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"indices: expected a 1-D integer tensor of dataset indices, got "
                              f"{(tuple(indices.shape), indices.dtype) if isinstance(indices, Tensor) else type(indices).__name__}")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= len(self)):
-            raise ValueError(f"indices: expected values in [0, {len(self) - 1}], got [{indices.min().item()}, "
-                             f"{indices.max().item()}]")
+        if indices.numel() and value_checks_enabled():
+            lo, hi = torch.aminmax(indices)
+            if bool((lo < 0) | (hi >= len(self))):
+                raise ValueError(f"indices: expected values in [0, {len(self) - 1}], got [{lo.item()}, {hi.item()}]")
         return indices.to(device=self.maps.device, dtype=torch.long)
 
     def update(
@@ -265,7 +269,7 @@ class AttentionBank:
             raise ValueError(f"maps: expected a ({idx.shape[0]}, h, w) tensor, got "
                              f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}")
         m = maps.detach().float().to(self.maps.device)
-        if not torch.isfinite(m).all() or (m < 0).any():
+        if value_checks_enabled() and bool((~torch.isfinite(m) | (m < 0)).any()):
             raise ValueError("maps: expected finite, non-negative attention values")
         if tuple(m.shape[1:]) != self.size:
             m = box_resample(m, torch.tensor([[0., 0., 1., 1.]], device=m.device).expand(len(m), 4), self.size)
@@ -381,7 +385,7 @@ def famt_weights(
         raise ValueError(f"attention: expected a (B, h, w) tensor of maps, got "
                          f"{tuple(attention.shape) if isinstance(attention, Tensor) else type(attention).__name__}")
     a = attention.detach().float()
-    if not torch.isfinite(a).all() or (a < 0).any():
+    if value_checks_enabled() and bool((~torch.isfinite(a) | (a < 0)).any()):
         raise ValueError("attention: expected finite, non-negative values (min-max normalised maps)")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative number, got {eps!r}")

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--device', help='cpu, cuda, cuda:1 ... (default: cuda if available; LOCAL_RANK under torchrun)')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--deterministic', action='store_true')
+    g.add_argument('--value-checks', choices=('first', 'always'), default='first',
+                   help="check input values (images in [0, 1], indices in range; a GPU sync each) on the first step of "
+                        "each run / resume only, or on every step")
     g.add_argument('--knn-every', type=int, default=0, help='epochs between kNN evaluations on the test split (0: off)')
     g.add_argument('--log-every', type=int, default=10)
     g.add_argument('--ckpt-every', type=int, help='steps between checkpoints (default: every epoch)')
@@ -169,7 +172,7 @@ def run_pretrain(args: dict) -> dict:
                       warmup_steps=a['warmup_steps'], weight_decay=a['weight_decay'], optimizer=a['optimizer'], clip_grad=a['clip_grad'] or None,
                       amp=a['amp'], compile=a['compile'], seed=a['seed'], deterministic=a['deterministic'],
                       out_dir=str(out), log_every=a['log_every'], ckpt_every=a['ckpt_every'], knn_every=a['knn_every'],
-                      progress=not a['no_progress'])
+                      progress=not a['no_progress'], value_checks=a['value_checks'])
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         saved = {k: v for k, v in a.items() if k != 'resume'}

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor
 from .spectrum import (check_images, radial_frequency, rfft_image, amplitude_from_rfft, filter_rfft)
+from .checks import value_checks_enabled
 
 # %% auto #0
 __all__ = ['uniform_per_image', 'check_probability', 'default_mfm_radius', 'disc_mask', 'mfm_mask', 'normalized_amplitude',
@@ -83,11 +84,12 @@ def normalized_amplitude(
 
 def _check_threshold(threshold, b: int, device) -> Tensor:
     "Thresholds as a (B, 1, 1, 1) tensor, each in (0, 1]."
-    t = torch.as_tensor(threshold, dtype=torch.float32, device=device)
+    t = torch.as_tensor(threshold, dtype=torch.float32)  # numbers: on the CPU, where reading them is free
     if t.ndim > 1 or (t.ndim == 1 and t.numel() not in (1, b)):
         raise ValueError(f"threshold must be a number or one per image ({b}), got shape {tuple(t.shape)}")
-    if not ((t > 0) & (t <= 1)).all(): raise ValueError(f"threshold must be in (0, 1] (a fraction of the DC amplitude), got {threshold!r}")
-    return t.reshape(-1, 1, 1, 1)
+    if (t.device.type == 'cpu' or value_checks_enabled()) and not ((t > 0) & (t <= 1)).all():  # a GPU tensor: a value check
+        raise ValueError(f"threshold must be in (0, 1] (a fraction of the DC amplitude), got {threshold!r}")
+    return t.to(device).reshape(-1, 1, 1, 1)
 
 # %% ../nbs/02_freq_masks.ipynb #b94aff83
 def com_mask(

@@ -17,6 +17,7 @@ from .models import (MAEDecoder, create_backbone, denormalize_images, gather_tok
                             normalize_images, patchify, sincos_pos_embed_2d, unpatchify)
 from .patch_masks import MASKED, THROWN, PatchSplit, mask_throw_keep, random_split, split_counts
 from .spectrum import check_images
+from .checks import value_checks_enabled
 
 # %% auto #0
 __all__ = ['show_split', 'paste_patches', 'fixed_sincos_pos_embed_', 'MAE', 'uncrop_maps', 'FAMT']
@@ -123,7 +124,7 @@ def _check_batch(batch) -> tuple:
                         f"{type(batch).__name__}{' with keys ' + str(sorted(batch)) if isinstance(batch, dict) else ''}")
     views = batch['views']
     x = views[0] if isinstance(views, (list, tuple)) else views
-    check_images(x, "batch['views'][0]", channels=(3,))
+    check_images(x, "batch['views'][0]", channels=(3,), unit_range=True)
     def first_view(key):  # boxes / flips come as one entry per view
         v = batch.get(key)
         return v[0] if isinstance(v, (list, tuple)) else v
@@ -390,9 +391,10 @@ class FAMT(MAE):
         if not isinstance(index, Tensor) or index.ndim != 1 or index.shape[0] != x.shape[0] or index.is_floating_point():
             raise ValueError(f"index: expected a ({x.shape[0]},) integer tensor of dataset indices, got "
                              f"{(tuple(index.shape), index.dtype) if isinstance(index, Tensor) else type(index).__name__}")
-        if index.min() < 0 or index.max() >= n:  # refresh windows only
+        lo, hi = torch.aminmax(index)
+        if bool((lo < 0) | (hi >= n)):  # refresh windows only, always checked: these indices write the bank
             raise ValueError(f"index: dataset indices must lie in [0, {n - 1}] (num_images={n}), got "
-                             f"[{index.min().item()}, {index.max().item()}]")
+                             f"[{lo.item()}, {hi.item()}]")
         idx = index.to(self.bank_maps.device, torch.long)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # same bank on every rank
             idx, full, cov = (_all_gather(t.contiguous()) for t in (idx, full, cov))
@@ -412,6 +414,8 @@ class FAMT(MAE):
         x, index, boxes, flipped = _check_batch(batch)
         b = x.shape[0]
         if self.version == 0:
+            if value_checks_enabled() and self.attention_source == 'bank' and index is not None and boxes is not None:
+                self.bank.aligned(index, boxes, flipped, self.grid_size)  # check index and boxes now, not at the first refresh
             split = random_split(b, self.num_patches, self.random_mask_ratio, self.random_throw_ratio, device=x.device)
             return split, torch.full((b, *self.grid_size), 1.0 / self.num_patches, device=x.device)
         if self.attention_source == 'crop':

@@ -235,7 +235,7 @@ class MoCo(Method):
                              f"tensors in [0, 1], recipe {self.recipe!r}); got "
                              f"{'no views' if views is None else f'{len(views)} view(s)' if isinstance(views, (list, tuple)) else type(views).__name__}")
         for i, v in enumerate(views[:2]):
-            check_images(v, f"batch['views'][{i}]", channels=(self.backbone.in_chans,))
+            check_images(v, f"batch['views'][{i}]", channels=(self.backbone.in_chans,), unit_range=True)
         if views[0].shape != views[1].shape:
             raise ValueError(f"the query and key views must have the same shape, got {tuple(views[0].shape)} and "
                              f"{tuple(views[1].shape)}")

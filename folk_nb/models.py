@@ -15,6 +15,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer, Block
 from einops import rearrange
 from .spectrum import check_images
+from .checks import value_checks_enabled
 from .patch_masks import gather_tokens  # select tokens by index sets (notebook 10)
 
 # %% auto #0
@@ -125,9 +126,9 @@ def check_ids(
         raise TypeError(f"{name} must hold integer (long) patch indices, got dtype {ids.dtype}")
     if ids.ndim != 2 or ids.shape[0] != batch:
         raise ValueError(f"{name} must have shape (B, n) = ({batch}, n), got {tuple(ids.shape)}")
-    if ids.numel() and not torch.compiler.is_compiling():
+    if ids.numel() and value_checks_enabled():
         lo, hi = torch.aminmax(ids)
-        if lo < 0 or hi >= n_max: raise ValueError(f"{name} must lie in [0, {n_max}), got values in [{lo.item()}, {hi.item()}]")
+        if bool((lo < 0) | (hi >= n_max)): raise ValueError(f"{name} must lie in [0, {n_max}), got values in [{lo.item()}, {hi.item()}]")
     return ids.long()
 
 # %% ../nbs/21_models.ipynb #f5c47cfb

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from .checks import value_checks_enabled
 
 # %% auto #0
 __all__ = ['VISIBLE', 'MASKED', 'THROWN', 'split_counts', 'PatchSplit', 'weighted_permutation', 'split_order', 'mask_throw_keep',
@@ -65,8 +66,9 @@ def _check_weights(weights, name='weights'):
     if not (weights.is_floating_point() or weights.dtype in (torch.int32, torch.int64, torch.uint8)):
         raise TypeError(f"{name}: expected a real (float or int) tensor, got dtype {weights.dtype}")
     w = weights.float()
+    if not value_checks_enabled(): return w
     lo, hi = torch.aminmax(w)  # one reduction (one device sync); NaN propagates into both
-    if not (lo >= 0 and hi < math.inf):
+    if not bool((lo >= 0) & (hi < math.inf)):
         if torch.isnan(w).any(): raise ValueError(f"{name}: expected finite values, found NaN")
         if torch.isinf(w).any(): raise ValueError(f"{name}: expected finite values, found inf")
         raise ValueError(f"{name}: expected non-negative weights, found minimum {lo.item():.4g}")
@@ -239,6 +241,6 @@ def split_labels(
     labels = torch.full((b, n), -1, dtype=torch.long, device=masked.device)
     for idx, value in ((masked, MASKED), (thrown, THROWN), (visible, VISIBLE)):
         labels.scatter_(1, idx, value)  # three scatters (one per set), not a loop over images
-    if (labels < 0).any():
+    if value_checks_enabled() and (labels < 0).any():
         raise ValueError("split: the index sets must be disjoint and cover 0..N-1 in every image")
     return labels

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import Tensor
+from .checks import value_checks_enabled
 
 # %% auto #0
 __all__ = ['check_images', 'fft_image', 'frequency_coords', 'radial_frequency', 'rfft_image', 'mirror_half_spectrum',
@@ -25,9 +26,9 @@ def check_images(
     if channels is not None and x.shape[1] not in channels:
         raise ValueError(f"{name} must have {' or '.join(map(str, channels))} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     if x.shape[0] == 0 or x.shape[-1] == 0 or x.shape[-2] == 0: raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if unit_range and not torch.compiler.is_compiling():
+    if unit_range and value_checks_enabled():
         lo, hi = torch.aminmax(x.detach())
-        if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # NaN fails too
+        if not bool((lo >= -1e-3) & (hi <= 1 + 1e-3)):  # one sync; NaN fails too
             raise ValueError(f"{name} must hold un-normalised images in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]; "
                              "mask and filter before mean/std normalisation")
 
@@ -104,9 +105,9 @@ def check_keep_mask(
                          f"expected (B, 1, H, W) = ({x.shape[0]}, 1, {x.shape[-2]}, {x.shape[-1]}) or broadcastable")
     if keep.dtype != torch.bool:
         if not keep.is_floating_point(): raise TypeError(f"{name} must be bool or float, got dtype {keep.dtype}")
-        if not torch.compiler.is_compiling():
+        if value_checks_enabled():
             lo, hi = torch.aminmax(keep.detach())
-            if not (lo >= 0 and hi <= 1): raise ValueError(f"{name} must hold values in [0, 1] (1 = kept), got [{lo.item():.3g}, {hi.item():.3g}]")
+            if not bool((lo >= 0) & (hi <= 1)): raise ValueError(f"{name} must hold values in [0, 1] (1 = kept), got [{lo.item():.3g}, {hi.item():.3g}]")
     return keep.to(device=x.device, dtype=torch.float32)
 
 # %% ../nbs/01_spectrum.ipynb #cf70df4d

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn, Tensor
+from .checks import value_checks
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'TrainConfig', 'cosine_lr', 'atomic_save', 'load_checkpoint', 'rng_state', 'set_rng_state',
@@ -41,6 +42,7 @@ class TrainConfig:
     knn_every: int = 0               # epochs between kNN evaluations (0: off)
     max_nonfinite: int = 20          # consecutive non-finite losses that stop the run
     progress: bool = True            # show a progress bar
+    value_checks: str = 'first'      # 'first': check input values on the first step of each fit(); 'always': every step
 
     def __post_init__(self):
         if self.epochs < 1: raise ValueError(f"epochs must be >= 1, got {self.epochs}")
@@ -50,6 +52,9 @@ class TrainConfig:
         if self.amp not in ('auto', 'bf16', 'off'): raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if self.optimizer not in ('adamw', 'sgd'): raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.clip_grad is not None and self.clip_grad <= 0: raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad}")
+        if self.value_checks not in ('first', 'always'):
+            raise ValueError(f"value_checks must be 'first' (check the input values on the first step of each fit) or "
+                             f"'always' (every step), got {self.value_checks!r}")
         self.betas = tuple(self.betas)
 
     @classmethod
@@ -243,6 +248,7 @@ class Trainer:
         self.out_dir = Path(self.cfg.out_dir)
         self.ckpt_path = self.out_dir / 'checkpoints' / 'last.pt'
         self._pending_rng, self._stop_signal, self.last_out = None, None, None
+        self._values_checked = False          # value checks done (on the first step of each fit)
         self._log = self._eval_log = self._tb = None
 
     # ---------------------------------------------------------------- checkpoints
@@ -280,6 +286,7 @@ class Trainer:
         "Continue exactly from a checkpoint (default: this run's last.pt)."
         ckpt = load_checkpoint(path or self.ckpt_path, map_location='cpu')
         self.check_compatible(ckpt)
+        self._values_checked = False
         if ckpt['world_size'] != self.dist.world_size:
             print(f"note: resuming a {ckpt['world_size']}-process run on {self.dist.world_size} process(es): the data order changes")
         _unwrap(self.model).load_state_dict(ckpt['model'])
@@ -332,12 +339,14 @@ class Trainer:
         lr = cosine_lr(self.step, self.total_steps, self.peak_lr, self.warmup_steps, self.cfg.min_lr)
         for g in self.optimizer.param_groups: g['lr'] = lr
         batch = to_device(batch, self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        check = self.cfg.value_checks == 'always' or not self._values_checked
+        with value_checks(check), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.forward(batch)
+        self._values_checked = True
         loss = out['loss']
         finite = torch.isfinite(loss.detach()).float()
         if self.dist.world_size > 1: dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
+        if finite.item() < 1:                # the one host sync of a step: it decides whether to update
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_total += 1; self.nonfinite_run += 1
             if self.nonfinite_run >= self.cfg.max_nonfinite:
@@ -432,6 +441,7 @@ class Trainer:
         if hasattr(signal, 'SIGTERM') and __import__('threading').current_thread() is __import__('threading').main_thread():
             for s in (signal.SIGTERM, signal.SIGINT): handlers[s] = signal.signal(s, self._on_signal)
         self.model.train()
+        self._values_checked = False                 # the first step of each fit() checks the input values
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.is_main),
                    desc=_unwrap(self.model).name, dynamic_ncols=True, mininterval=1.0)
         t_start, n_images, t_window, n_window = time.perf_counter(), 0, time.perf_counter(), 0

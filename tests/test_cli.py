@@ -101,3 +101,12 @@ def test_time_budget_sizes_the_schedule_and_stops_the_run(tmp_path):
     assert ckpt['calibration'] == cal and ckpt['total_steps'] == cal['total_steps'] and ckpt['train_seconds'] == s['train_seconds']
     with pytest.raises(SystemExit):
         parse_args(['--method', 'mfm', '--time-budget', '-1'])
+
+
+def test_value_checks_option_reaches_the_trainer(tmp_path, capsys):
+    run('mfm', tmp_path, '--max-steps', '1', '--value-checks', 'always')
+    assert json.loads((tmp_path / 'config.json').read_text())['train_config']['value_checks'] == 'always'
+    assert load_checkpoint(tmp_path / 'checkpoints' / 'last.pt')['train_config']['value_checks'] == 'always'
+    with pytest.raises(SystemExit):
+        parse_args(['--method', 'mfm', '--value-checks', 'never'])
+    assert "invalid choice: 'never'" in capsys.readouterr().err

@@ -172,3 +172,53 @@ def test_calibration_restores_every_buffer_and_the_data_position(tmp_path):
     Trainer(b, FixedLoader(), config(tmp_path / 'b', max_steps=cal['total_steps'], warmup_steps=3, deterministic=False)).fit(stop_at=n)
     for x, y in zip(params(a), params(b)): assert torch.equal(x, y)
     assert int(a.steps_seen) == int(b.steps_seen) == n
+
+
+class _ListLoader:
+    "What the trainer needs of a loader, over a fixed list of batches."
+    def __init__(self, batches): self.batches, self.batch_size = batches, len(batches[0]['views'][0])
+    def __len__(self): return len(self.batches)
+    def set_epoch(self, epoch): pass
+    def __iter__(self): return iter(self.batches)
+
+
+def _mfm_and_batches():
+    from folk_nb.data import GPUDataLoader, dataset_tensors
+    from folk_nb.methods import create_method
+    torch.manual_seed(0)
+    m = create_method('mfm', model='vit_tiny_patch16_224', img_size=32, patch_size=4,
+                      model_kwargs=dict(depth=1, embed_dim=32, num_heads=2))
+    t = dataset_tensors('samples', size=32)
+    loader = GPUDataLoader(t['images'], t['targets'], views=m.recipe, batch_size=4, epoch_size=12, device='cpu', size=32)
+    return m, list(loader)
+
+
+def _scaled(batch):   # a custom loader that forgot to divide by 255
+    return dict(batch, views=[v * 255 for v in batch['views']])
+
+
+def test_value_checks_first_catches_bad_images_on_the_first_step(tmp_path):
+    m, batches = _mfm_and_batches()
+    tr = Trainer(m, _ListLoader([_scaled(b) for b in batches]), config(tmp_path, epochs=1, optimizer='sgd'))
+    with pytest.raises(ValueError, match=r'must hold un-normalised images in \[0, 1\]'):
+        tr.fit()
+
+
+def test_value_checks_first_checks_only_the_first_step_of_each_fit(tmp_path):
+    "The step after the first makes one host sync, the non-finite-loss guard's (SGD on the CPU makes none)."
+    from folk_nb.checks import host_syncs
+    m, (b1, b2, b3) = _mfm_and_batches()
+    tr = Trainer(m, _ListLoader([b1, _scaled(b2), b3]), config(tmp_path, epochs=2, optimizer='sgd'))
+    assert host_syncs(lambda: tr.train_step(b1)) == {'aten::_local_scalar_dense': 2}   # range check + loss guard
+    assert host_syncs(lambda: tr.train_step(b3)) == {'aten::_local_scalar_dense': 1}   # the loss guard only
+    tr.train_step(_scaled(b2))                                   # not checked: it goes through
+    s = tr.fit(stop_at=2)                                        # a fit's first step checks again: b1 is fine,
+    assert s['steps'] == 2                                       # the bad b2 is step 2, not checked
+    with pytest.raises(ValueError, match=r'\[0, 1\]'):           # 'always' checks every step
+        Trainer(m, _ListLoader([b1, _scaled(b2), b3]), config(tmp_path / 'always', epochs=1, optimizer='sgd',
+                                                              value_checks='always')).fit()
+
+
+def test_value_checks_option_is_validated():
+    with pytest.raises(ValueError, match="value_checks must be 'first'"):
+        TrainConfig(value_checks='never')
