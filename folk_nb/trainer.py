@@ -332,11 +332,22 @@ class Trainer:
                 if isinstance(v, (int, float)) and k != 'step': self._tb.add_scalar(k, v, row['step'])
 
     # ---------------------------------------------------------------- one step
+    @property
+    def timed_schedule(self) -> bool:
+        "Whether the schedules run on the time budget (fitted by `calibrate`, not capped by epochs / max_steps)."
+        return bool(self.cfg.time_budget_min and self.calibration and not self.calibration['capped'])
+
+    def schedule_position(self) -> int:
+        "Where the schedules stand: the step, or with a timed schedule the share of the budget spent, in steps of it."
+        if not self.timed_schedule: return self.step
+        return min(self.total_steps - 1, int(self.train_seconds / (self.cfg.time_budget_min * 60) * self.total_steps))
+
     def train_step(self, batch) -> dict | None:
         "One optimiser step on a batch; returns the logged values, or None if the loss was not finite."
         m = _unwrap(self.model)
-        sched = m.schedule(self.step, self.total_steps)
-        lr = cosine_lr(self.step, self.total_steps, self.peak_lr, self.warmup_steps, self.cfg.min_lr)
+        pos = self.schedule_position()
+        sched = m.schedule(pos, self.total_steps)
+        lr = cosine_lr(pos, self.total_steps, self.peak_lr, self.warmup_steps, self.cfg.min_lr)
         for g in self.optimizer.param_groups: g['lr'] = lr
         batch = to_device(batch, self.device)
         check = self.cfg.value_checks == 'always' or not self._values_checked
@@ -434,7 +445,8 @@ class Trainer:
         "Train until `total_steps` (or `stop_at`, or the time budget); returns a summary. Stops cleanly (with a checkpoint) on SIGTERM / SIGINT."
         budget_s = self.cfg.time_budget_min * 60 if self.cfg.time_budget_min else None
         if budget_s and self.calibration is None: self.calibrate()
-        end = min(self.total_steps, stop_at or self.total_steps)
+        last = (self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch) if self.timed_schedule else self.total_steps
+        end = min(last, stop_at or last)
         from tqdm.auto import tqdm
         self._open_logs()
         handlers = {}
@@ -471,6 +483,9 @@ class Trainer:
                         t_window, n_window = now, 0
                     if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0: self.save()
                     now = time.perf_counter(); self.train_seconds += now - t_mark; t_mark = now
+                    if budget_s is not None and self.dist.world_size > 1:   # every process follows the slowest clock
+                        t = torch.tensor([self.train_seconds], dtype=torch.float64, device=self.device)
+                        dist.all_reduce(t, op=dist.ReduceOp.MAX); self.train_seconds = float(t)
                     out_of_time = budget_s is not None and self.train_seconds >= budget_s
                     if self.batch_in_epoch >= self.steps_per_epoch: break     # the epoch is complete
                     if self.step >= end or self._stop_signal is not None or out_of_time: break
@@ -483,8 +498,9 @@ class Trainer:
                         t_mark = time.perf_counter()                          # evaluation time is not training time
                     if not self.cfg.ckpt_every and self.step < end and not out_of_time: self.save()   # the final save follows below
             if self._stop_signal is not None: status = f'stopped by {self._stop_signal}'
+            elif out_of_time and self.timed_schedule: status = 'finished'          # the schedule ends with the budget
             elif out_of_time and self.step < self.total_steps: status = 'time budget spent'
-            elif self.step < self.total_steps: status = 'paused'
+            elif self.step < last: status = 'paused'
             path = self.save()
         finally:
             bar.close()

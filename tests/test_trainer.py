@@ -7,7 +7,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / 'scripts'))
 from toy import NoisyToy, FixedLoader  # noqa: E402
 from folk_nb.trainer import (Trainer, TrainConfig, load_checkpoint, atomic_save, CHECKPOINT_FORMAT, CSVLog,  # noqa: E402
-                             NonFiniteLossError)
+                             NonFiniteLossError, cosine_lr)
 
 SCRIPTS = Path(__file__).parent / 'scripts'
 
@@ -161,15 +161,18 @@ def test_sgd_optimizer_is_sgd_with_momentum_and_trains(tmp_path):
 
 def test_calibration_restores_every_buffer_and_the_data_position(tmp_path):
     "A time-budgeted run's calibration leaves parameters, buffers and RNG untouched: its steps equal a max_steps run's."
+    # a constant learning rate (no warm-up, floor = peak): a budgeted run's schedule runs on its clock, a max_steps
+    # run's on its steps, and this test is about the state calibration leaves, not the schedule
+    flat = dict(warmup_steps=0, min_lr=5e-3, deterministic=False)
     torch.manual_seed(0); a = NoisyToy()
-    t = Trainer(a, FixedLoader(), config(tmp_path / 'a', epochs=1000, time_budget_min=0.05, warmup_steps=3, deterministic=False))
+    t = Trainer(a, FixedLoader(), config(tmp_path / 'a', epochs=1000, time_budget_min=0.05, **flat))
     before = params(a)
     cal = t.calibrate(steps=6, warmup=2)
     assert int(a.steps_seen) == 0 and all(torch.equal(x, y) for x, y in zip(before, params(a)))
     n = min(cal['total_steps'], 10)
     t.fit(stop_at=n)
     torch.manual_seed(0); b = NoisyToy()                     # the same run without calibration, same schedule length
-    Trainer(b, FixedLoader(), config(tmp_path / 'b', max_steps=cal['total_steps'], warmup_steps=3, deterministic=False)).fit(stop_at=n)
+    Trainer(b, FixedLoader(), config(tmp_path / 'b', max_steps=cal['total_steps'], **flat)).fit(stop_at=n)
     for x, y in zip(params(a), params(b)): assert torch.equal(x, y)
     assert int(a.steps_seen) == int(b.steps_seen) == n
 
@@ -222,3 +225,37 @@ def test_value_checks_first_checks_only_the_first_step_of_each_fit(tmp_path):
 def test_value_checks_option_is_validated():
     with pytest.raises(ValueError, match="value_checks must be 'first'"):
         TrainConfig(value_checks='never')
+
+
+class _SlowingToy(NoisyToy):
+    "NoisyToy whose steps take `fast` s, then `slow` s after `after` forward calls; records the schedule positions."
+    def __init__(self, after, fast=0.004, slow=0.012):
+        super().__init__(); self.after, self.fast, self.slow, self.calls, self.seen = after, fast, slow, 0, []
+    def schedule(self, step, total_steps, **kw):
+        self.seen.append(step); return super().schedule(step, total_steps)
+    def forward(self, batch):
+        self.calls += 1; time.sleep(self.fast if self.calls <= self.after else self.slow)
+        return super().forward(batch)
+
+
+def test_time_budget_schedules_run_on_time_and_end_with_the_budget(tmp_path):
+    "Steps 3x slower after calibration: far fewer steps than fitted, yet the schedules reach their end with the budget."
+    m = _SlowingToy(after=25 + 20)                       # calibration (5 + 20 calls), then 20 steps at calibrated speed
+    t = Trainer(m, FixedLoader(), config(tmp_path, epochs=100_000, time_budget_min=0.02, warmup_steps=None, min_lr=0.0,
+                                         log_every=10_000, ckpt_every=10 ** 6, deterministic=False))
+    s = t.fit()
+    pos = m.seen[25:]
+    assert s['status'] == 'finished' and s['train_seconds'] >= 1.2
+    assert s['steps'] < 0.7 * t.total_steps                                  # the calibrated step count was not reached
+    assert pos == sorted(pos) and pos[-1] >= 0.9 * t.total_steps             # but the schedule position was
+    assert t.optimizer.param_groups[0]['lr'] == cosine_lr(pos[-1], t.total_steps, t.peak_lr, t.warmup_steps, 0.0)
+    assert t.optimizer.param_groups[0]['lr'] < 0.03 * t.peak_lr
+
+
+def test_time_budget_capped_by_epochs_follows_the_steps(tmp_path):
+    "A budget larger than the run needs: the schedule is the epochs' and follows the step count, status 'finished'."
+    m = _SlowingToy(after=10 ** 9, fast=0.0)
+    t = Trainer(m, FixedLoader(), config(tmp_path, epochs=2, time_budget_min=5.0, deterministic=False))
+    s = t.fit()
+    assert t.calibration['capped'] and not t.timed_schedule
+    assert m.seen[25:] == list(range(t.total_steps)) and s['steps'] == t.total_steps and s['status'] == 'finished'
