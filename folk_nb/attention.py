@@ -41,9 +41,12 @@ def check_vit(
 @contextmanager
 def unfused_attention(
     model: nn.Module,  # a timm ViT (or any module whose submodules have `fused_attn`)
+    blocks=None,       # modules (e.g. some of `model.blocks`) whose attention to un-fuse; None: all of `model`
 ):
-    "Temporarily set `fused_attn = False` on every attention module; restore each on exit, even on error."
-    saved = [(m, m.fused_attn) for m in model.modules() if hasattr(m, 'fused_attn')]
+    "Temporarily set `fused_attn = False` on the attention modules (of `blocks`); restore each on exit, even on error."
+    roots = [model] if blocks is None else list(blocks)
+    found = {id(m): m for r in roots for m in r.modules() if hasattr(m, 'fused_attn')}
+    saved = [(m, m.fused_attn) for m in found.values()]
     try:
         for m, _ in saved: m.fused_attn = False
         yield model
@@ -98,11 +101,12 @@ def _capture_attention(model, x, layer, reduce, query):
             if i == layer: raise _StopForward
         return fn
 
+    read = [layer] if reduce == 'rows' else list(range(layer + 1))    # the blocks whose weights are read
     flags = [(m, m.training) for m in model.modules()]
-    handles = [model.blocks[i].attn.attn_drop.register_forward_pre_hook(hook(i)) for i in range(layer + 1)]
+    handles = [model.blocks[i].attn.attn_drop.register_forward_pre_hook(hook(i)) for i in read]
     try:
         model.eval()
-        with torch.no_grad(), unfused_attention(model):
+        with torch.no_grad(), unfused_attention(model, [model.blocks[i] for i in read]):
             try: model.forward_features(x) if hasattr(model, 'forward_features') else model(x)
             except _StopForward: pass
     finally:
@@ -305,27 +309,35 @@ class AttentionBank:
         self.maps.copy_(state['maps']); self.filled.copy_(state['filled'])
 
 # %% ../nbs/11_attention.ipynb #689bfebd
-def refresh_steps(
-    total_steps: int,     # length of the schedule (iterations or epochs)
-    every: float = 0.1,   # refresh interval as a fraction of the schedule
-) -> list[int]:           # steps at which to recompute the attention bank
-    "Refresh points: every round(every * total_steps) steps, excluding step 0."
+def _refresh_interval(total_steps, every, min_interval):
+    "Validated spacing of the refresh points, in steps."
     if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
         raise ValueError(f"total_steps: expected a positive integer, got {total_steps!r}")
     if isinstance(every, bool) or not isinstance(every, numbers.Real) or not 0 < every <= 1:
         raise ValueError(f"every: expected a fraction in (0, 1], got {every!r}")
-    interval = max(1, round(every * total_steps))
+    if isinstance(min_interval, bool) or not isinstance(min_interval, numbers.Integral) or min_interval < 1:
+        raise ValueError(f"min_interval: expected a positive integer number of steps, got {min_interval!r}")
+    return max(int(min_interval), round(every * total_steps))
+
+
+def refresh_steps(
+    total_steps: int,       # length of the schedule (iterations or epochs)
+    every: float = 0.1,     # refresh interval as a fraction of the schedule
+    min_interval: int = 1,  # floor on the interval, in steps
+) -> list[int]:             # steps at which to recompute the attention bank
+    "Refresh points: every max(min_interval, round(every * total_steps)) steps, excluding step 0."
+    interval = _refresh_interval(total_steps, every, min_interval)
     return list(range(interval, total_steps, interval))
 
 # %% ../nbs/11_attention.ipynb #7b7b4758
 def should_refresh(
-    step: int,            # current step, 0-based
-    total_steps: int,     # length of the schedule
-    every: float = 0.1,   # refresh interval as a fraction of the schedule
-) -> bool:                # True at the steps of `refresh_steps`
+    step: int,              # current step, 0-based
+    total_steps: int,       # length of the schedule
+    every: float = 0.1,     # refresh interval as a fraction of the schedule
+    min_interval: int = 1,  # floor on the interval, in steps
+) -> bool:                  # True at the steps of `refresh_steps`
     "Whether to recompute the attention bank at this step."
-    refresh_steps(total_steps, every)  # validates
-    interval = max(1, round(every * total_steps))
+    interval = _refresh_interval(total_steps, every, min_interval)
     return 0 < step < total_steps and step % interval == 0
 
 # %% ../nbs/11_attention.ipynb #1c085eb4

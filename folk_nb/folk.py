@@ -164,9 +164,10 @@ class FOLK(Method):
         return folk_filter(x, scale_thresholds(self.thresholds, min(x.shape[-2:]), self.thresholds_size), self.com_prob)
 
     def schedule(self,
-                 step: int,         # optimiser step about to run
-                 total_steps: int,  # schedule length
-                ) -> dict:          # teacher_temp and momentum, for the log
+                 step: int,                           # optimiser step about to run
+                 total_steps: int,                    # schedule length
+                 steps_per_epoch: int | None = None,  # optimiser steps per epoch, from the trainer (unused here)
+                ) -> dict:                            # teacher_temp and momentum, for the log
         "Set the teacher temperature and the EMA momentum for this step."
         c = self.config
         self.teacher_temp = teacher_temperature(step, total_steps, c['teacher_temp_start'], c['teacher_temp_end'], c['teacher_temp_warmup'])

@@ -5,6 +5,7 @@
 # %% ../nbs/33_mae.ipynb #842d7979
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -282,6 +283,7 @@ class FAMT(MAE):
                  mask_ratio: float = 0.45,        # fraction masked after the first refresh (FAMT: 0.45)
                  throw_ratio: float = 0.40,       # fraction thrown after the first refresh (FAMT: 0.40)
                  refresh_every: float = 0.1,      # refresh interval, fraction of the schedule (FAMT: ~10%)
+                 refresh_min_epochs: float = 0.0, # ours: refreshes at least this many epochs apart (0: FAMT's rule only)
                  random_mask_ratio: float = 0.75, # masking before the first refresh (FAMT: plain random 75%)
                  random_throw_ratio: float = 0.0, # throwing before the first refresh
                  attention_source: str = 'bank',  # 'bank': stored maps aligned to the crop; 'crop': every step
@@ -298,8 +300,8 @@ class FAMT(MAE):
     ):
         Method.__init__(self, model=model, img_size=img_size, patch_size=patch_size, cifar_stem=cifar_stem,
                         model_kwargs=model_kwargs, num_images=num_images, mask_ratio=mask_ratio,
-                        throw_ratio=throw_ratio, refresh_every=refresh_every, random_mask_ratio=random_mask_ratio,
-                        random_throw_ratio=random_throw_ratio, attention_source=attention_source,
+                        throw_ratio=throw_ratio, refresh_every=refresh_every, refresh_min_epochs=refresh_min_epochs,
+                        random_mask_ratio=random_mask_ratio, random_throw_ratio=random_throw_ratio, attention_source=attention_source,
                         smooth_cutoff=smooth_cutoff, freq_prior=freq_prior, prior_cutoff=prior_cutoff, mix=mix,
                         weight_eps=weight_eps, norm_pix=norm_pix, decoder_dim=decoder_dim,
                         decoder_depth=decoder_depth, decoder_heads=decoder_heads, fixed_pos_embed=fixed_pos_embed)
@@ -312,6 +314,10 @@ class FAMT(MAE):
         self.random_throw_ratio = _check_ratio(random_throw_ratio, 'random_throw_ratio')
         self.refresh_every = _check_ratio(refresh_every, 'refresh_every')
         if self.refresh_every == 0: raise ValueError("refresh_every: expected a fraction of the schedule in (0, 1], got 0")
+        if isinstance(refresh_min_epochs, bool) or not isinstance(refresh_min_epochs, numbers.Real) \
+                or not 0 <= refresh_min_epochs < float('inf'):   # also rejects NaN
+            raise ValueError(f"refresh_min_epochs: expected a finite number of epochs >= 0, got {refresh_min_epochs!r}")
+        self.refresh_min_epochs = float(refresh_min_epochs)
         if attention_source not in ('bank', 'crop'):
             raise ValueError(f"attention_source: expected 'bank' (stored maps aligned to the crop) or 'crop' "
                              f"(recomputed every step), got {attention_source!r}")
@@ -362,9 +368,26 @@ class FAMT(MAE):
                              and bool((self.bank_version < self.version).any()))
         return self._pending
 
-    def schedule(self, step: int, total_steps: int) -> dict:
-        "Bump the refresh version at FAMT's refresh points (every `refresh_every` of the schedule)."
-        n = sum(1 for s in refresh_steps(total_steps, self.refresh_every) if s <= step)
+    def refresh_interval(self,
+                         steps_per_epoch: int | None = None,  # optimiser steps per epoch (None: unknown)
+    ) -> int:                                                 # floor on the refresh spacing, in steps
+        "`ceil(refresh_min_epochs * steps_per_epoch)` steps (1 without a floor)."
+        if self.refresh_min_epochs == 0: return 1
+        if steps_per_epoch is None:
+            raise ValueError(f"steps_per_epoch: FAMT with refresh_min_epochs={self.refresh_min_epochs} needs the epoch "
+                             "length; folk_nb.trainer.Trainer passes it (schedule(step, total_steps, "
+                             "steps_per_epoch=...)); pass it when calling schedule yourself")
+        steps_per_epoch = _check_int(steps_per_epoch, 'steps_per_epoch')
+        return max(1, math.ceil(round(self.refresh_min_epochs * steps_per_epoch, 9)))  # round: 0.7 * 10 is 7
+
+    def schedule(self,
+                 step: int,                          # the optimiser step about to run (0-based)
+                 total_steps: int,                   # length of the whole schedule
+                 steps_per_epoch: int | None = None, # optimiser steps per epoch, from the trainer (None: unknown)
+    ) -> dict:                                       # {'attention_refreshes': refreshes so far}
+        "Bump the refresh version at the refresh points (every `refresh_every`, >= `refresh_min_epochs` apart)."
+        every = refresh_steps(total_steps, self.refresh_every, self.refresh_interval(steps_per_epoch))
+        n = sum(1 for s in every if s <= step)
         if n > self.version:
             self.refresh_version.fill_(n)
             self._version, self._pending = n, self.attention_source == 'bank'

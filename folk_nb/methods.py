@@ -25,9 +25,10 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def schedule(self,
-                 step: int,         # the optimiser step about to run (0-based)
-                 total_steps: int,  # length of the whole schedule
-                ) -> dict:          # the values set, for logging
+                 step: int,                           # the optimiser step about to run (0-based)
+                 total_steps: int,                    # length of the whole schedule
+                 steps_per_epoch: int | None = None,  # optimiser steps per epoch, from the trainer; None when unknown
+                ) -> dict:                            # the values set, for logging
         "Set the per-step schedules (EMA momentum, temperatures, ...) before a step."
         return {}
 

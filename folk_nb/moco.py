@@ -284,9 +284,10 @@ class MoCo(Method):
 
     # ------------------------------------------------------------------ trainer hooks
     def schedule(self,
-                 step: int,         # the optimiser step about to run (0-based)
-                 total_steps: int,  # length of the run
-    ) -> dict:                      # {'momentum': m}
+                 step: int,                           # the optimiser step about to run (0-based)
+                 total_steps: int,                    # length of the run
+                 steps_per_epoch: int | None = None,  # optimiser steps per epoch, from the trainer (unused here)
+    ) -> dict:                                        # {'momentum': m}
         "Set the EMA momentum of this step (constant, or cosine from `momentum` to 1)."
         self.momentum_now = (self.momentum if self.momentum_schedule == 'constant'
                              else cosine_schedule(self.momentum, 1.0, step, total_steps))

@@ -137,6 +137,58 @@ def test_state_restored_after_an_error_inside_the_forward():
     assert all(b.attn.fused_attn for b in model.blocks)
 
 
+
+def test_fused_blocks_give_the_same_activations_as_unfused():
+    model = tiny_vit(depth=4).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fused = model.forward_features(x)
+        for b in model.blocks: b.attn.fused_attn = False
+        unfused = model.forward_features(x)
+    for b in model.blocks: b.attn.fused_attn = True
+    torch.testing.assert_close(fused, unfused, atol=1e-3, rtol=1e-3)  # float rounding (sharpened q, k)
+
+
+@pytest.mark.parametrize('layer', [0, 1, 2, -1])
+def test_reading_unfuses_only_the_blocks_read_and_matches_all_unfused(layer):
+    model = tiny_vit(depth=4)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    calls = [(lambda: cls_attention(model, x, layer), 'rows'),
+             (lambda: attention_map(model, x, layer), 'rows'),
+             (lambda: attention_map(model, x, layer, normalize=False), 'rows'),
+             (lambda: attention_map(model, x, layer, rollout=True), 'rollout'),
+             (lambda: attention_map(model, x, layer, rollout=True, normalize=False), 'rollout')]
+    for b in model.blocks: b.attn.fused_attn = False          # reference: every block unfused, by hand
+    refs = [f() for f, _ in calls]
+    for b in model.blocks: b.attn.fused_attn = True
+    seen = {}
+    hooks = [b.attn.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, m.fused_attn))
+             for i, b in enumerate(model.blocks)]
+    L = layer % 4
+    for (f, reduce), ref in zip(calls, refs):
+        seen.clear()
+        torch.testing.assert_close(f(), ref, atol=1e-4, rtol=1e-4)  # earlier blocks fused: float rounding only
+        unfused = sorted(i for i, fused in seen.items() if not fused)
+        assert unfused == ([L] if reduce == 'rows' else list(range(L + 1)))
+        assert max(seen) == L                                   # the forward stops after the block read
+        assert all(b.attn.fused_attn for b in model.blocks)
+        assert all(len(b.attn.attn_drop._forward_pre_hooks) == 0 for b in model.blocks)
+    for h in hooks: h.remove()
+
+
+def test_flags_restored_exactly_with_a_mixed_state_and_blocks_argument():
+    model = tiny_vit(depth=4)
+    model.blocks[1].attn.fused_attn = False                     # a mixed state must come back exactly
+    x = torch.randn(1, 3, 32, 32)
+    attention_map(model, x, layer=2); attention_map(model, x, layer=3, rollout=True)
+    assert [b.attn.fused_attn for b in model.blocks] == [True, False, True, True]
+    with pytest.raises(RuntimeError):
+        with unfused_attention(model, [model.blocks[2], model.blocks[3].attn]):
+            assert [b.attn.fused_attn for b in model.blocks] == [True, False, False, False]
+            raise RuntimeError
+    assert [b.attn.fused_attn for b in model.blocks] == [True, False, True, True]
+
+
 def test_batched_equals_per_image():
     model = tiny_vit()
     x = torch.randn(5, 3, 32, 32)
@@ -260,6 +312,26 @@ def test_refresh_schedule(total, every):
     if total >= 10 and every == 0.1: assert len(steps) == 9
     with pytest.raises(ValueError, match='every'): refresh_steps(total, 0)
     with pytest.raises(ValueError, match='total_steps'): should_refresh(3, 0)
+
+
+
+@pytest.mark.parametrize('total,every,min_interval', [(1000, 0.1, 250), (1000, 0.1, 100), (1000, 0.1, 40),
+                                                      (100, 0.1, 33), (17, 0.1, 5), (10, 0.5, 20)])
+def test_refresh_schedule_min_interval(total, every, min_interval):
+    steps = refresh_steps(total, every, min_interval)
+    interval = max(min_interval, max(1, round(total * every)))
+    assert steps == [s for s in range(1, total) if s % interval == 0]
+    assert [s for s in range(total + 5) if should_refresh(s, total, every, min_interval)] == steps
+    assert all(b - a >= min_interval for a, b in zip(steps, steps[1:]))
+    if min_interval <= round(total * every): assert steps == refresh_steps(total, every)  # floor not binding
+
+
+def test_refresh_schedule_min_interval_example_and_errors():
+    assert refresh_steps(1000, 0.1, min_interval=250) == [250, 500, 750]   # 50 steps/epoch, >= 5 epochs apart
+    assert refresh_steps(1000, 0.1) == refresh_steps(1000, 0.1, 1) == list(range(100, 1000, 100))
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(ValueError, match='min_interval'): refresh_steps(100, 0.1, bad)
+        with pytest.raises(ValueError, match='min_interval'): should_refresh(10, 100, 0.1, bad)
 
 
 # ---------------------------------------------------------------- FAMT weights

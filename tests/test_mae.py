@@ -422,6 +422,55 @@ def test_famt_random_before_refresh_ignores_a_peaked_bank():
     assert (f - 0.75).abs().max() < 0.06                      # SE 0.0135
 
 
+
+def refresh_bumps(m, total, **kw):
+    "Steps at which `schedule` bumps the refresh version."
+    v = [m.schedule(step, total, **kw)['attention_refreshes'] for step in range(total)]
+    return [s for s in range(1, total) if v[s] > v[s - 1]]
+
+
+def test_famt_refresh_min_epochs_floor():
+    # 1000 steps, 50 per epoch (20 epochs), every 0.1 = 100 steps = 2 epochs; floor 5 epochs -> every 250 steps
+    assert refresh_bumps(tiny_famt(refresh_min_epochs=5), 1000, steps_per_epoch=50) == [250, 500, 750]
+    assert refresh_bumps(tiny_famt(refresh_min_epochs=1.5), 1000, steps_per_epoch=50) == list(range(100, 1000, 100))
+    assert refresh_bumps(tiny_famt(refresh_min_epochs=0.7), 100, steps_per_epoch=10) == [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    assert refresh_bumps(tiny_famt(refresh_min_epochs=2.5), 100, steps_per_epoch=10) == [25, 50, 75]  # ceil(25.0)
+    assert refresh_bumps(tiny_famt(refresh_min_epochs=2.51), 100, steps_per_epoch=10) == [26, 52, 78]  # ceil(25.1)
+    # positional calls keep working; steps_per_epoch also by position
+    m = tiny_famt(refresh_min_epochs=5)
+    assert m.schedule(249, 1000, 50)['attention_refreshes'] == 0 and m.schedule(250, 1000, 50)['attention_refreshes'] == 1
+    assert m.refresh_interval(50) == 250 and tiny_famt().refresh_interval() == 1
+
+
+def test_famt_refresh_default_unchanged_by_steps_per_epoch():
+    for total, every in [(1000, 0.1), (50, 0.2), (17, 0.1)]:
+        want = refresh_steps(total, every)
+        assert refresh_bumps(tiny_famt(refresh_every=every), total) == want
+        assert refresh_bumps(tiny_famt(refresh_every=every), total, steps_per_epoch=3) == want
+        assert refresh_bumps(tiny_famt(refresh_every=every, refresh_min_epochs=0), total, steps_per_epoch=None) == want
+
+
+def test_famt_refresh_min_epochs_errors():
+    m = tiny_famt(refresh_min_epochs=2)
+    with pytest.raises(ValueError, match='steps_per_epoch.*Trainer passes it'):
+        m.schedule(0, 100)
+    with pytest.raises(ValueError, match='steps_per_epoch'):
+        m.schedule(0, 100, steps_per_epoch=0)
+    assert m.version == 0
+    for bad in (-1, -0.5, float('nan'), float('inf'), True, '2', None):
+        with pytest.raises(ValueError, match='refresh_min_epochs'):
+            tiny_famt(refresh_min_epochs=bad)
+
+
+def test_famt_refresh_min_epochs_config_round_trip():
+    m = tiny_famt(num_images=6, refresh_min_epochs=2.5)
+    assert m.config['refresh_min_epochs'] == 2.5 and tiny_famt().config['refresh_min_epochs'] == 0.0
+    import json; assert json.loads(json.dumps(m.config)) == m.config
+    m2 = create_method('famt', **m.config)
+    assert m2.config == m.config and m2.refresh_min_epochs == 2.5
+    assert refresh_bumps(m2, 100, steps_per_epoch=10) == refresh_bumps(m, 100, steps_per_epoch=10) == [25, 50, 75]
+
+
 def test_famt_bank_refresh_schedule_values_and_state_dict():
     total, every = 50, 0.2
     m = tiny_famt(num_images=6, refresh_every=every)

@@ -15,7 +15,7 @@ class NoisyToy(Method):
         self.register_buffer('steps_seen', torch.zeros((), dtype=torch.long))
         self.step = 0
 
-    def schedule(self, step, total_steps):
+    def schedule(self, step, total_steps, steps_per_epoch=None):
         self.step = step
         if step == self.config['signal_at']:
             import os, signal
