@@ -28,13 +28,18 @@ DECODER = {'decoder_dim': 256, 'decoder_depth': 4, 'decoder_heads': 8}
 RESNET = ['--model', 'resnet18', '--img-size', '32', '--cifar-stem',
           '--optimizer', 'sgd', '--lr', '0.24', '--weight-decay', '5e-4']     # lightly's CIFAR-10 MoCo recipe (6e-2 x 512/128)
 MOCO = {'queue_size': 4096, 'momentum': 0.99, 'temperature': 0.1}
-# ViT methods: ViT-S with 4 px patches (an 8 x 8 grid), AdamW 5e-4, paper defaults for masks and losses (FOLK with
+# FAMT refreshes its attention bank every 10% of the schedule (the paper's rule, for ~800 epochs: one refresh window
+# of ~1 epoch of extra un-masked forward passes every 80 epochs). A budget of minutes holds ~20 epochs, where 10% is
+# every 2 epochs and most epochs would be refresh windows; we keep refresh windows at least 5 epochs apart.
+FAMT_REFRESH_MIN_EPOCHS = 5
+# ViT methods: ViT-S with 4 px patches (an 8 x 8 grid), AdamW 5e-4, paper defaults for masks and losses (FOLK: its
+# Com / RCom thresholds scaled from 224 to 32 px, as MFM scales its radius, notebook 32; FOLK with
 # 4096 prototypes, a CIFAR-scale K). ResNet methods: ResNet-18 with the CIFAR stem, SGD.
 RECIPES = {
     'mae': VIT + ['--method-args', json.dumps(DECODER)],
     'mfm': VIT,
     'folk': VIT + ['--method-args', json.dumps({'out_dim': 4096})],
-    'famt': VIT + ['--method-args', json.dumps(DECODER)],
+    'famt': VIT + ['--method-args', json.dumps({**DECODER, 'refresh_min_epochs': FAMT_REFRESH_MIN_EPOCHS})],
     'moco': RESNET + ['--method-args', json.dumps(MOCO)],
     'saliency_moco': RESNET + ['--method-args', json.dumps(MOCO)],
 }

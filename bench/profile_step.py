@@ -1,7 +1,7 @@
 """Where a training step spends its time: torch.profiler over the trainer's real step, per method x model.
 
     python bench/profile_step.py [--device cpu|cuda] [--methods mae,famt,...] [--models vit_b16_224,...] [--steps N]
-                                 [--warmup N] [--batch N] [--amp auto|bf16|off] [--compile] [--at F]
+                                 [--warmup N] [--batch N] [--amp auto|bf16|off] [--compile [MODE]] [--at F]
                                  [--method-kwargs JSON] [--famt-refresh] [--trace DIR] [--out FILE] [--no-save]
 
 The step is `folk_nb.trainer.Trainer.train_step` on one fixed batch, built exactly as bench/train_step.py builds it
@@ -52,6 +52,7 @@ import torch  # noqa: E402
 import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from folk_nb.trainer import COMPILE_MODES
 from folk_nb.methods import METHODS
 
 if str(Path(__file__).resolve().parent) not in sys.path: sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -504,7 +505,8 @@ def main(argv=None) -> int:
     ap.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 5 on CUDA, 1 on CPU)')
     ap.add_argument('--batch', type=int, default=None, help='images per step (default 128 at 224 px, 512 at 32 px; CPU 8)')
     ap.add_argument('--amp', choices=('auto', 'bf16', 'off'), default='auto', help="trainer's autocast (auto: bf16 on CUDA)")
-    ap.add_argument('--compile', action='store_true', help="torch.compile the trainer's forward (ranges inside it vanish)")
+    ap.add_argument('--compile', nargs='?', const=True, default=False, metavar='MODE', choices=COMPILE_MODES,
+                    help="torch.compile the trainer's forward, optional MODE (ranges inside it vanish)")
     ap.add_argument('--method-kwargs', default='{}', help='JSON dict of extra method arguments')
     ap.add_argument('--at', type=float, default=0.0, help='schedule position (fraction of a run), e.g. 0.5 for FAMT')
     ap.add_argument('--famt-refresh', action='store_true',

@@ -2,7 +2,7 @@
 trainer's step over a plain eager fp32 step, all measured in one run.
 
     python bench/train_step.py [--device cpu|cuda] [--methods mae,mfm,...] [--models vit_t4_32,resnet18_32,...]
-                               [--steps N] [--warmup N] [--batch N] [--amp auto|bf16|off] [--compile] [--at F] [--no-save]
+                               [--steps N] [--warmup N] [--batch N] [--amp auto|bf16|off] [--compile [MODE]] [--at F] [--no-save]
 
 For every method x model:
 - **the trainer's step**: `folk_nb.trainer.Trainer.train_step` on one fixed batch of augmented views (the method's
@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from folk_nb.trainer import COMPILE_MODES
 from folk_nb.methods import METHODS, create_method
 
 if str(Path(__file__).resolve().parent) not in sys.path: sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -242,7 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 5 on CUDA, 1 on CPU)')
     ap.add_argument('--batch', type=int, default=None, help='images per step (default 128 at 224 px, 512 at 32 px; CPU 8)')
     ap.add_argument('--amp', choices=('auto', 'bf16', 'off'), default='auto', help="trainer's autocast (auto: bf16 on CUDA)")
-    ap.add_argument('--compile', action='store_true', help='torch.compile the trainer step (not the plain one)')
+    ap.add_argument('--compile', nargs='?', const=True, default=False, metavar='MODE', choices=COMPILE_MODES,
+                    help='torch.compile the trainer step (not the plain one), optional MODE, e.g. max-autotune')
     ap.add_argument('--method-kwargs', default='{}', help='JSON dict of extra method arguments, e.g. \'{"queue_size": 4096}\'')
     ap.add_argument('--at', type=float, default=0.0, help='schedule position (fraction of a run) to measure at, e.g. 0.5')
     ap.add_argument('--no-save', action='store_true', help=f'do not append to {RESULTS.relative_to(RESULTS.parents[2])}')

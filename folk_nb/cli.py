@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--out', help='output folder (default: runs/<method>-<model>-<data>)')
     g.add_argument('--resume', action='store_true', help='continue from <out>/checkpoints/last.pt')
     g.add_argument('--amp', choices=('auto', 'bf16', 'off'), default='auto', help='bf16 autocast (auto: on CUDA)')
-    g.add_argument('--compile', action='store_true', help='torch.compile the step')
+    g.add_argument('--compile', nargs='?', const=True, default=False, metavar='MODE',
+                   choices=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
+                   help="torch.compile the step; optional MODE: 'max-autotune', 'reduce-overhead' (CUDA graphs), ...")
     g.add_argument('--device', help='cpu, cuda, cuda:1 ... (default: cuda if available; LOCAL_RANK under torchrun)')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--deterministic', action='store_true')

@@ -92,6 +92,7 @@ def scale_thresholds(
 class FOLK(Method):
     "FOLK: MFM on adaptively filtered views plus distillation from an EMA teacher that sees the original views."
     name, recipe = 'folk', 'folk'
+    config_added = {'thresholds_size': None}   # checkpoints older than thresholds_size used the thresholds as given
 
     def __init__(self,
                  model: str,                     # timm model name: a ViT or a CNN

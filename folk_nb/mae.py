@@ -272,6 +272,7 @@ def uncrop_maps(
 class FAMT(MAE):
     "MAE with FAMT's attention (+ frequency) guided mask / throw / keep split and a per-image attention bank."
     name, recipe = 'famt', 'famt'
+    config_added = {'refresh_min_epochs': 0.0}  # checkpoints older than the option followed the paper's rule
 
     def __init__(self,
                  model: str,                      # timm ViT name (CNNs are refused)

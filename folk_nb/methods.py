@@ -9,13 +9,14 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['METHODS', 'Method', 'method_class', 'create_method', 'method_from_checkpoint']
+__all__ = ['METHODS', 'Method', 'method_class', 'create_method', 'checkpoint_config', 'method_from_checkpoint']
 
 # %% ../nbs/30_methods.ipynb #d29fec40
 class Method(nn.Module):
     "Base class of the pre-training methods: `forward(batch) -> dict` with a `loss`, plus the trainer's hooks."
     name: str = 'method'
     recipe: str = 'mae'
+    config_added: dict = {}   # options added after checkpoints were written -> the value an older checkpoint implies
 
     def __init__(self, **config):
         super().__init__()
@@ -75,6 +76,14 @@ def create_method(
     return method_class(name)(**config)
 
 # %% ../nbs/30_methods.ipynb #91b4b7c9
+def checkpoint_config(
+    name: str,     # method name saved in the checkpoint
+    config: dict,  # method config saved in the checkpoint
+) -> dict:         # the config completed with the values of options added since
+    "A saved method config, completed with what options added after it was written imply."
+    return {**method_class(name).config_added, **config}
+
+# %% ../nbs/30_methods.ipynb #13cfe27f
 def method_from_checkpoint(
     path,                 # a checkpoint written by `folk_nb.trainer.Trainer`
     map_location='cpu',   # where the weights go
@@ -90,7 +99,7 @@ def method_from_checkpoint(
     name = ckpt['method']
     if names is not None and name not in names:
         raise ValueError(f"checkpoint '{path}' is a {name!r} checkpoint; expected one of: {', '.join(names)}")
-    try: method = create_method(name, **ckpt['method_config'])
+    try: method = create_method(name, **checkpoint_config(name, ckpt['method_config']))
     except TypeError as e: raise ValueError(f"checkpoint '{path}': cannot rebuild the {name!r} method from its saved config ({e})") from None
     try: method.load_state_dict(ckpt['model'])
     except RuntimeError as e:

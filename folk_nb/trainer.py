@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_trainer.ipynb #99129e2c
 from __future__ import annotations
-import copy, csv, dataclasses, json, math, os, random, signal, subprocess, sys, time
+import copy, csv, dataclasses, inspect, json, math, os, random, signal, subprocess, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -14,10 +14,13 @@ from torch import nn, Tensor
 from .checks import value_checks
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'TrainConfig', 'cosine_lr', 'atomic_save', 'load_checkpoint', 'rng_state', 'set_rng_state',
-           'DistInfo', 'setup_distributed', 'to_device', 'batch_size_of', 'CSVLog', 'NonFiniteLossError', 'Trainer']
+__all__ = ['COMPILE_MODES', 'CHECKPOINT_FORMAT', 'TrainConfig', 'cosine_lr', 'atomic_save', 'load_checkpoint', 'rng_state',
+           'set_rng_state', 'DistInfo', 'setup_distributed', 'to_device', 'batch_size_of', 'CSVLog',
+           'NonFiniteLossError', 'Trainer']
 
 # %% ../nbs/40_trainer.ipynb #d30fd085
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's modes
+
 @dataclass
 class TrainConfig:
     "Hyper-parameters and switches of a training run (saved with every checkpoint)."
@@ -33,7 +36,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.95)       # AdamW's betas
     clip_grad: float | None = 3.0    # max gradient norm (None: off)
     amp: str = 'auto'                # 'bf16', 'off', or 'auto' (bf16 on CUDA, off on CPU)
-    compile: bool = False            # torch.compile the method's forward
+    compile: bool | str = False      # torch.compile the method's forward: True, or a mode ('max-autotune', 'reduce-overhead', ...)
     seed: int = 0
     deterministic: bool = False      # torch.use_deterministic_algorithms (slower; exact reproducibility)
     out_dir: str = 'runs/default'    # checkpoints, config and logs go here
@@ -55,6 +58,9 @@ class TrainConfig:
         if self.value_checks not in ('first', 'always'):
             raise ValueError(f"value_checks must be 'first' (check the input values on the first step of each fit) or "
                              f"'always' (every step), got {self.value_checks!r}")
+        if not (isinstance(self.compile, bool) or self.compile in COMPILE_MODES):
+            raise ValueError(f"compile must be True, False or a torch.compile mode ({', '.join(map(repr, COMPILE_MODES))}), "
+                             f"got {self.compile!r}")
         self.betas = tuple(self.betas)
 
     @classmethod
@@ -204,6 +210,11 @@ def _git_commit() -> str:
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
+def _takes_epoch_length(method) -> bool:
+    "Whether `method.schedule` accepts `steps_per_epoch` (methods written before it was added take two arguments)."
+    params = inspect.signature(method.schedule).parameters
+    return 'steps_per_epoch' in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
 class NonFiniteLossError(RuntimeError): "Raised when too many consecutive losses are NaN or infinite."
 
 # %% ../nbs/40_trainer.ipynb #37c01145
@@ -227,6 +238,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         if len(loader) == 0: raise ValueError("the loader yields no batch: check the dataset size, batch size and drop_last")
         self.steps_per_epoch = len(loader)
+        self._schedule_takes_epoch = _takes_epoch_length(method)
         self.total_steps = self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
         self.warmup_steps = self.cfg.warmup_steps if self.cfg.warmup_steps is not None else max(1, int(0.05 * self.total_steps))
         self.global_batch = getattr(loader, 'batch_size', None) or 0
@@ -235,7 +247,9 @@ class Trainer:
         self.model = method
         if self.dist.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(method, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
-        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        self.forward = self.model
+        if self.cfg.compile:
+            self.forward = torch.compile(self.model, mode=None if self.cfg.compile is True else self.cfg.compile)
         fused = self.device.type == 'cuda'
         groups = method.param_groups(self.cfg.weight_decay)
         if self.cfg.optimizer == 'sgd': self.optimizer = torch.optim.SGD(groups, lr=self.peak_lr, momentum=0.9, fused=fused)
@@ -275,9 +289,9 @@ class Trainer:
     def check_compatible(self, ckpt: dict) -> None:
         "Refuse a checkpoint of another method or model, saying what differs."
         m = _unwrap(self.model)
-        if ckpt['method'] != m.name or ckpt['method_config'] != m.config:
-            diff = {k: (ckpt['method_config'].get(k), m.config.get(k)) for k in set(ckpt['method_config']) | set(m.config)
-                    if ckpt['method_config'].get(k) != m.config.get(k)}
+        saved = {**getattr(type(m), 'config_added', {}), **ckpt['method_config']}   # options added since: the value older runs imply
+        if ckpt['method'] != m.name or saved != m.config:
+            diff = {k: (saved.get(k), m.config.get(k)) for k in set(saved) | set(m.config) if saved.get(k) != m.config.get(k)}
             raise ValueError(f"cannot resume: the checkpoint is method {ckpt['method']!r}, this run is {m.name!r}"
                              + (f"; settings differ (checkpoint, this run): {diff}" if diff else '')
                              + ". Use the same method and model options, or a new output folder.")
@@ -346,7 +360,8 @@ class Trainer:
         "One optimiser step on a batch; returns the logged values, or None if the loss was not finite."
         m = _unwrap(self.model)
         pos = self.schedule_position()
-        sched = m.schedule(pos, self.total_steps)
+        sched = (m.schedule(pos, self.total_steps, steps_per_epoch=self.steps_per_epoch) if self._schedule_takes_epoch
+                 else m.schedule(pos, self.total_steps))                   # a Method written before the third argument
         lr = cosine_lr(pos, self.total_steps, self.peak_lr, self.warmup_steps, self.cfg.min_lr)
         for g in self.optimizer.param_groups: g['lr'] = lr
         batch = to_device(batch, self.device)

@@ -110,3 +110,12 @@ def test_value_checks_option_reaches_the_trainer(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(['--method', 'mfm', '--value-checks', 'never'])
     assert "invalid choice: 'never'" in capsys.readouterr().err
+
+
+def test_compile_flag_takes_an_optional_mode(capsys):
+    assert parse_args(['--method', 'mfm'])['compile'] is False
+    assert parse_args(['--method', 'mfm', '--compile'])['compile'] is True
+    assert parse_args(['--method', 'mfm', '--compile', 'max-autotune'])['compile'] == 'max-autotune'
+    with pytest.raises(SystemExit):
+        parse_args(['--method', 'mfm', '--compile', 'fastest'])
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err

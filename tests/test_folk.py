@@ -1,4 +1,5 @@
 "FOLK (folk_nb.folk): who sees what, gradients, EMA, schedules, centering and the cross-view loss, checked by hand."
+import dataclasses
 import copy
 import json
 import math
@@ -402,3 +403,25 @@ def test_trainer_runs_folk(tmp_path):
     Trainer(m2, loader, TrainConfig(epochs=3, lr=1e-3, progress=False, out_dir=str(tmp_path), log_every=1,
                                     warmup_steps=1)).resume()
     torch.testing.assert_close(m2.center, m.center)
+
+
+def test_checkpoint_written_before_thresholds_size_rebuilds_and_resumes_as_it_was_trained(tmp_path):
+    "An older FOLK checkpoint (no thresholds_size) used the thresholds as given: it rebuilds that way, and resuming it"
+    " with today's default (scaled thresholds) is refused with a message naming the option."
+    from folk_nb.data import create_loader
+    from folk_nb.methods import method_from_checkpoint
+    from folk_nb.trainer import Trainer, TrainConfig, load_checkpoint
+    torch.manual_seed(0)
+    loader = create_loader('samples', recipe='folk', size=32, batch_size=8, device='cpu', epoch_size=8)
+    cfg = TrainConfig(max_steps=2, lr=1e-3, progress=False, out_dir=str(tmp_path), warmup_steps=1)
+    Trainer(FOLK(**TINY_VIT, thresholds_size=None), loader, dataclasses.replace(cfg, max_steps=1)).fit()
+    path = tmp_path / 'checkpoints' / 'last.pt'
+    ckpt = load_checkpoint(path)
+    del ckpt['method_config']['thresholds_size']                    # what the code before the option wrote
+    torch.save(ckpt, path)
+    m, _ = method_from_checkpoint(path)
+    assert m.thresholds_size is None and m.config['thresholds_size'] is None
+    with pytest.raises(ValueError, match=r"thresholds_size': \(None, 224\)"):
+        Trainer(FOLK(**TINY_VIT), loader, cfg).resume()
+    t = Trainer(FOLK(**TINY_VIT, thresholds_size=None), loader, cfg).resume()
+    assert t.fit()['steps'] == 2

@@ -4,6 +4,7 @@ schedule, statistics of the guided masking, training, config and checkpoint roun
 References here are written independently of the library: per-image numpy loops for patches, losses, crop
 pasting and Plackett-Luce draws, and a hand-written softmax(q k^T) for the CLS attention.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ from folk_nb.methods import create_method
 from folk_nb.mae import FAMT, MAE, paste_patches, show_split, uncrop_maps
 from folk_nb.models import normalize_images
 from folk_nb.patch_masks import PatchSplit
-from folk_nb.trainer import TrainConfig, Trainer
+from folk_nb.trainer import TrainConfig, Trainer, load_checkpoint
 
 torch.set_num_threads(1)
 
@@ -630,3 +631,31 @@ def test_trainer_run_and_resume(name, tmp_path):
     Trainer(m2, loader, cfg).resume()
     for k, v in m.state_dict().items(): torch.testing.assert_close(m2.state_dict()[k], v)
     if name == 'famt': assert m2.version == 2
+
+
+def test_trainer_passes_the_epoch_length_so_famt_refresh_floor_applies(tmp_path):
+    "Through the Trainer: 2 steps per epoch, 8 steps, refresh every 0.25 (2 steps) but >= 2 epochs (4 steps) apart."
+    loader = create_loader('samples', recipe='famt', size=32, batch_size=8, device='cpu', epoch_size=16)
+    assert len(loader) == 2
+    versions = {}
+    for floor in (0.0, 2.0):
+        torch.manual_seed(0)
+        m = create_method('famt', **TINY, num_images=len(loader.images), refresh_every=0.25, refresh_min_epochs=floor)
+        cfg = TrainConfig(max_steps=8, progress=False, out_dir=str(tmp_path / str(floor)), log_every=1, lr=1e-3)
+        Trainer(m, loader, cfg).fit()
+        versions[floor] = m.version
+    assert versions == {0.0: 3, 2.0: 1}          # refreshes at steps 2, 4, 6 without the floor; at 4 with it
+
+
+def test_famt_checkpoint_written_before_refresh_min_epochs_resumes(tmp_path):
+    loader = create_loader('samples', recipe='famt', size=32, batch_size=8, device='cpu', epoch_size=16)
+    torch.manual_seed(0)
+    m = create_method('famt', **TINY, num_images=len(loader.images))
+    cfg = TrainConfig(max_steps=2, progress=False, out_dir=str(tmp_path), lr=1e-3)
+    Trainer(m, loader, dataclasses.replace(cfg, max_steps=1)).fit()
+    path = tmp_path / 'checkpoints' / 'last.pt'
+    ckpt = load_checkpoint(path)
+    del ckpt['method_config']['refresh_min_epochs']                  # what the code before the option wrote
+    torch.save(ckpt, path)
+    t = Trainer(create_method('famt', **m.config), loader, cfg).resume()
+    assert t.step == 1 and t.fit()['steps'] == 2

@@ -259,3 +259,36 @@ def test_time_budget_capped_by_epochs_follows_the_steps(tmp_path):
     s = t.fit()
     assert t.calibration['capped'] and not t.timed_schedule
     assert m.seen[25:] == list(range(t.total_steps)) and s['steps'] == t.total_steps and s['status'] == 'finished'
+
+
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    "TrainConfig.compile: True -> torch.compile's default mode, a mode name -> that mode; other values are refused."
+    seen = []
+    monkeypatch.setattr(torch, 'compile', lambda model, mode=None: seen.append(mode) or model)
+    for compile, mode in ((True, None), ('max-autotune', 'max-autotune'), ('reduce-overhead', 'reduce-overhead')):
+        Trainer(NoisyToy(), FixedLoader(), config(tmp_path, compile=compile))
+        assert seen[-1] == mode
+    Trainer(NoisyToy(), FixedLoader(), config(tmp_path, compile=False))
+    assert len(seen) == 3
+    with pytest.raises(ValueError, match='compile must be True, False or a torch.compile mode'):
+        config(tmp_path, compile='fastest')
+
+
+class _EpochLengthToy(NoisyToy):
+    def __init__(self): super().__init__(); self.calls = []
+    def schedule(self, step, total_steps, steps_per_epoch=None):
+        self.calls.append(steps_per_epoch); return super().schedule(step, total_steps)
+
+
+class _TwoArgumentToy(NoisyToy):
+    "A method written before schedule() took the epoch length."
+    def __init__(self): super().__init__(); self.calls = 0
+    def schedule(self, step, total_steps):
+        self.calls += 1; return super().schedule(step, total_steps)
+
+
+def test_schedule_gets_the_epoch_length_and_two_argument_methods_still_work(tmp_path):
+    a, b = _EpochLengthToy(), _TwoArgumentToy()
+    for m, out in ((a, 'a'), (b, 'b')): Trainer(m, FixedLoader(), config(tmp_path / out, epochs=2)).fit()
+    assert a.calls == [len(FixedLoader())] * (2 * len(FixedLoader()))
+    assert b.calls == 2 * len(FixedLoader())
