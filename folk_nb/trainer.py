@@ -527,7 +527,9 @@ class Trainer:
                        nonfinite_steps=self.nonfinite_total, **({'calibration': self.calibration} if self.calibration else {}),
                        last=last_row, checkpoint=str(self.ckpt_path), **({'knn_top1': acc['knn_top1']} if acc else {}))
         if self.dist.is_main:
-            print(f"{_unwrap(self.model).name}: {status} at step {self.step}/{self.total_steps} in {elapsed:.1f} s "
+            where = (f"step {self.step} ({self.train_seconds / 60:.2f} of {self.cfg.time_budget_min:g} budget minutes; "
+                     f"{self.total_steps} steps calibrated)" if self.timed_schedule else f"step {self.step}/{self.total_steps}")
+            print(f"{_unwrap(self.model).name}: {status} at {where} in {elapsed:.1f} s "
                   f"({summary['img_per_s']:.0f} img/s), loss {last_row.get('loss', float('nan')):.4f}, "
                   f"{self.nonfinite_total} non-finite step(s) skipped; checkpoint {self.ckpt_path}")
             (self.out_dir / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
