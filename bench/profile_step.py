@@ -58,7 +58,7 @@ from folk_nb.methods import METHODS
 if str(Path(__file__).resolve().parent) not in sys.path: sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, load_average, warn_if_busy, load_pair, command_line, append_rows  # noqa: E402
 from train_step import (MODELS, GPU_MODELS, default_batch, build_method, first_batch, make_trainer, sync,  # noqa: E402
-                        describe)
+                        describe, add_step_arguments, resolve_step_arguments)
 
 RESULTS = RESULTS_DIR / 'profile_step.jsonl'
 CPU_MODELS = ('vit_micro_p4_32', 'resnet18_32')
@@ -498,17 +498,8 @@ def git_commit() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    ap.add_argument('--methods', default=','.join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    ap.add_argument('--models', default=None, help=f"comma-separated, from {', '.join(MODELS)}")
-    ap.add_argument('--steps', type=int, default=None, help='timed and then profiled steps (default 10 on CUDA, 3 on CPU)')
-    ap.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 5 on CUDA, 1 on CPU)')
-    ap.add_argument('--batch', type=int, default=None, help='images per step (default 128 at 224 px, 512 at 32 px; CPU 8)')
-    ap.add_argument('--amp', choices=('auto', 'bf16', 'off'), default='auto', help="trainer's autocast (auto: bf16 on CUDA)")
-    ap.add_argument('--compile', nargs='?', const=True, default=False, metavar='MODE', choices=COMPILE_MODES,
-                    help="torch.compile the trainer's forward, optional MODE (ranges inside it vanish)")
-    ap.add_argument('--method-kwargs', default='{}', help='JSON dict of extra method arguments')
-    ap.add_argument('--at', type=float, default=0.0, help='schedule position (fraction of a run), e.g. 0.5 for FAMT')
+    add_step_arguments(ap, steps=(10, 3), compile_help="torch.compile the trainer's forward, optional MODE (ranges inside "
+                                                       "it vanish)")
     ap.add_argument('--famt-refresh', action='store_true',
                     help="FAMT: profile a refresh-window step (attention recomputed every step) instead of the steady state")
     ap.add_argument('--trace', default=None, metavar='DIR', help='also write a chrome trace per configuration to DIR')
@@ -516,18 +507,8 @@ def main(argv=None) -> int:
     ap.add_argument('--no-save', action='store_true', help='do not append the rows to the results file')
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available(): ap.error('--device cuda but CUDA is not available')
+    device, methods, models, steps, warmup, method_kwargs = resolve_step_arguments(ap, args, steps=(10, 3), cpu_models=CPU_MODELS)
     cuda = device.type == 'cuda'
-    methods = [m for m in args.methods.split(',') if m]
-    models = args.models.split(',') if args.models else list(GPU_MODELS if cuda else CPU_MODELS)
-    for m in methods:
-        if m not in METHODS: ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    for m in models:
-        if m not in MODELS: ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
-    steps = args.steps or (10 if cuda else 3)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    method_kwargs = json.loads(args.method_kwargs)
 
     load_before = load_average()
     print(f"device {describe(device)}; torch {torch.__version__}; amp {args.amp}; compile {args.compile}; at {args.at}; "

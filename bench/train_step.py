@@ -234,34 +234,46 @@ def print_table(rows: list, peak: dict) -> None:
               f"{fmt(r.get('mfu') and 100 * r['mfu'], '6.1f'):>6}%{r['plain_img_per_s']:>13.1f}{r['speedup']:>8.2f}x")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def add_step_arguments(ap: argparse.ArgumentParser, steps: tuple, compile_help: str) -> None:
+    "The options every training-step bench takes (device, methods, models, steps, batch, amp, compile, ...)."
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     ap.add_argument('--methods', default=','.join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     ap.add_argument('--models', default=None, help=f"comma-separated, from {', '.join(MODELS)}")
-    ap.add_argument('--steps', type=int, default=None, help='timed steps (default 20 on CUDA, 2 on CPU)')
+    ap.add_argument('--steps', type=int, default=None, help=f'timed steps (default {steps[0]} on CUDA, {steps[1]} on CPU)')
     ap.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 5 on CUDA, 1 on CPU)')
     ap.add_argument('--batch', type=int, default=None, help='images per step (default 128 at 224 px, 512 at 32 px; CPU 8)')
     ap.add_argument('--amp', choices=('auto', 'bf16', 'off'), default='auto', help="trainer's autocast (auto: bf16 on CUDA)")
-    ap.add_argument('--compile', nargs='?', const=True, default=False, metavar='MODE', choices=COMPILE_MODES,
-                    help='torch.compile the trainer step (not the plain one), optional MODE, e.g. max-autotune')
+    ap.add_argument('--compile', nargs='?', const=True, default=False, metavar='MODE', choices=COMPILE_MODES, help=compile_help)
     ap.add_argument('--method-kwargs', default='{}', help='JSON dict of extra method arguments, e.g. \'{"queue_size": 4096}\'')
     ap.add_argument('--at', type=float, default=0.0, help='schedule position (fraction of a run) to measure at, e.g. 0.5')
-    ap.add_argument('--no-save', action='store_true', help=f'do not append to {RESULTS.relative_to(RESULTS.parents[2])}')
-    args = ap.parse_args(argv)
 
+
+def resolve_step_arguments(ap: argparse.ArgumentParser, args, steps: tuple, cpu_models: tuple = CPU_MODELS) -> tuple:
+    "(device, methods, models, steps, warmup, method_kwargs) from the options, with argparse errors for bad ones."
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available(): ap.error('--device cuda but CUDA is not available')
     cuda = device.type == 'cuda'
     methods = [m for m in args.methods.split(',') if m]
-    models = args.models.split(',') if args.models else list(GPU_MODELS if cuda else CPU_MODELS)
+    models = args.models.split(',') if args.models else list(GPU_MODELS if cuda else cpu_models)
     for m in methods:
         if m not in METHODS: ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     for m in models:
         if m not in MODELS: ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
-    steps = args.steps or (20 if cuda else 2)
+    n_steps = args.steps or (steps[0] if cuda else steps[1])
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    method_kwargs = json.loads(args.method_kwargs)
+    return device, methods, models, n_steps, warmup, json.loads(args.method_kwargs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(ap, steps=(20, 2), compile_help='torch.compile the trainer step (not the plain one), optional MODE, '
+                                                       'e.g. max-autotune')
+    ap.add_argument('--no-save', action='store_true', help=f'do not append to {RESULTS.relative_to(RESULTS.parents[2])}')
+    args = ap.parse_args(argv)
+
+    device, methods, models, steps, warmup, method_kwargs = resolve_step_arguments(ap, args, steps=(20, 2))
+    cuda = device.type == 'cuda'
 
     load_before = load_average()
     peak = matmul_peak(device)
