@@ -1,5 +1,5 @@
 "The trainer: exact resume, DDP equivalence, crash-safe checkpoints, signals, the non-finite guard."
-import dataclasses, os, signal, subprocess, sys, time, random
+import dataclasses, json, os, signal, subprocess, sys, time, random
 from pathlib import Path
 import pytest
 import torch
@@ -292,3 +292,14 @@ def test_schedule_gets_the_epoch_length_and_two_argument_methods_still_work(tmp_
     for m, out in ((a, 'a'), (b, 'b')): Trainer(m, FixedLoader(), config(tmp_path / out, epochs=2)).fit()
     assert a.calls == [len(FixedLoader())] * (2 * len(FixedLoader()))
     assert b.calls == 2 * len(FixedLoader())
+
+
+def test_ddp_time_budget_every_process_stops_at_the_same_step(tmp_path):
+    "Under DDP with a time budget every process follows the slowest clock: same steps, same seconds, no hang."
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(SCRIPTS / 'ddp_budget.py'), str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f'rank{i}.json').read_text()) for i in (0, 1))
+    assert a == b and a['status'] == 'finished' and a['train_seconds'] >= 0.6 and a['steps'] > 1
