@@ -227,8 +227,8 @@ def method_ranges(method, notes: list) -> list:
         last = {}                                            # this step's hard negative and its mask, by identity
         if name == 'saliency_moco':
             augment = vars(moco.SaliencyMoCo).get('augment')
-            def remember(self, xq, xk):
-                out_ = augment(self, xq, xk)
+            def remember(self, xq, xk, *a, **k):
+                out_ = augment(self, xq, xk, *a, **k)
                 last['hard'] = out_.get('hard_negative')
                 return out_
             out.append((moco.SaliencyMoCo, 'augment', ranged(functools.wraps(augment)(remember), 'mask')))
@@ -244,7 +244,7 @@ def method_ranges(method, notes: list) -> list:
             out.append((moco, 'fill_patches', ranged(moco.fill_patches, lambda x, patch_mask, *a, **k:
                 'mask.fill_hard_negative' if patch_mask is last.get('hmask') else 'mask.fill_query')))
         encode_key = vars(moco.MoCo)['encode_key']
-        out.append((moco.MoCo, 'encode_key', ranged(encode_key, lambda self, x:
+        out.append((moco.MoCo, 'encode_key', ranged(encode_key, lambda self, x, *a, **k:
             'hard_negative_key_pass' if x is last.get('hard') else 'key_encoder')))
     return out
 

@@ -217,14 +217,20 @@ class MoCo(Method):
 
     @torch.no_grad()
     def encode_key(self,
-                   x: Tensor,  # key images (B, 3, S, S) in [0, 1]
-    ) -> Tensor:               # (B, out_dim) float32, L2-normalised, no gradient
-        "The momentum encoder (shuffle BN across processes under DDP)."
+                   x: Tensor,                   # key images (B, 3, S, S) in [0, 1]
+                   with_saliency: bool = False,  # also return the channel sum of the last-stage map (CNN only)
+    ) -> Tensor | tuple:  # (B, out_dim) float32, L2-normalised, no gradient [, saliency (B, 1, h, w) float32]
+        "The momentum encoder (shuffle BN across processes under DDP), optionally with its saliency map."
+        if with_saliency and self.backbone.kind != 'cnn':
+            raise ValueError(f"with_saliency needs a CNN backbone, not a {self.backbone.kind.upper()}")
         x = normalize_images(x)
         shuffle = self.shuffle_bn and self._has_bn and _world_size() > 1
         if shuffle: x, undo = shuffle_across_ranks(x)
-        z = F.normalize(self.momentum_head(self.momentum_backbone.pooled(x)).float(), dim=1)
-        return unshuffle_across_ranks(z, undo) if shuffle else z
+        feats = self.momentum_backbone.forward_features(x)                # CNN: (B, C, h, w)
+        out = [F.normalize(self.momentum_head(self.momentum_backbone.pool(feats)).float(), dim=1)]
+        if with_saliency: out.append(feats.float().sum(1, keepdim=True))  # (B, 1, h, w): only this is gathered
+        if shuffle: out = [unshuffle_across_ranks(t, undo) for t in out]
+        return tuple(out) if with_saliency else out[0]
 
     # ------------------------------------------------------------------ one step
     def _views(self, batch: dict) -> tuple:
@@ -248,11 +254,14 @@ class MoCo(Method):
         "Extra augmentation of a (query, key) pair before the encoders: none in MoCo."
         return dict(query=xq)
 
+    def _key_and_augment(self, xq: Tensor, xk: Tensor) -> tuple:
+        "(the keys of the key view, `augment`'s dict) of one direction."
+        return self.encode_key(xk), self.augment(xq, xk)
+
     def _pair(self, xq: Tensor, xk: Tensor) -> dict:
         "Loss and statistics of one (query view, key view) direction; the queue is read, not written."
-        aug = self.augment(xq, xk)
+        k, aug = self._key_and_augment(xq, xk)
         q = self.encode_query(aug['query'])
-        k = self.encode_key(xk)
         hard = self.encode_key(aug['hard_negative']) if 'hard_negative' in aug else None
         queue = self.queue.clone()              # enqueue() writes in place: the backward pass needs the old queue
         logits = contrastive_logits(q, k, queue, self.temperature, hard, getattr(self, 'alpha', 1.0))
@@ -385,21 +394,33 @@ class SaliencyMoCo(MoCo):
 
     @torch.no_grad()
     def augment(self,
-                xq: Tensor,  # query view (B, 3, S, S) in [0, 1]
-                xk: Tensor,  # key view (B, 3, S, S) in [0, 1]
-    ) -> dict:               # query (masked), query_mask, foreground, saliency, hard_negative, hard_negative_mask, ...
+                xq: Tensor,                  # query view (B, 3, S, S) in [0, 1]
+                xk: Tensor,                  # key view (B, 3, S, S) in [0, 1]
+                key_saliency: Tensor = None,  # (B, 1, h, w) saliency of the key view; None: `saliency_map` of xk
+    ) -> dict:  # query (masked), query_mask, foreground, saliency, hard_negative, hard_negative_mask, key_saliency, ...
         "Mask the query view by saliency and build each sample's hard negative from the key view."
         B, _, H, W = xq.shape
         grid = patch_grid_size(H, W, self.grid_cells)
-        both = torch.cat([xq, xk]) if self.hard_negative else xq      # one saliency pass for both views
-        sal = self.saliency_map(both)
-        fg = foreground_patches(patch_saliency(sal, grid, (H, W)), self.foreground_k)   # (B or 2B, N)
-        qmask = saliency_patch_mask(fg[:B], self.query_mask_ratio)
+        if self.hard_negative and key_saliency is None:                  # one saliency pass for both views
+            sal, key_saliency = self.saliency_map(torch.cat([xq, xk])).split(B)
+        else:
+            sal = self.saliency_map(xq)
+        foreground = lambda s: foreground_patches(patch_saliency(s, grid, (H, W)), self.foreground_k)  # (B, N)
+        fg = foreground(sal)
+        qmask = saliency_patch_mask(fg, self.query_mask_ratio)
         with torch.autocast(xq.device.type, enabled=False):
             out = dict(query=fill_patches(xq.float(), qmask, grid, self.fill).to(xq.dtype), query_mask=qmask,
-                       foreground=fg[:B], saliency=sal[:B], grid=grid)
+                       foreground=fg, saliency=sal, grid=grid)
             if self.hard_negative:
-                hmask = hard_negative_patch_mask(fg[B:], self.hard_negative_ratio)
+                key_fg = foreground(key_saliency)
+                hmask = hard_negative_patch_mask(key_fg, self.hard_negative_ratio)
                 out.update(hard_negative=fill_patches(xk.float(), hmask, grid, self.fill).to(xk.dtype),
-                           hard_negative_mask=hmask, key_foreground=fg[B:])
+                           hard_negative_mask=hmask, key_foreground=key_fg, key_saliency=key_saliency)
         return out
+
+    def _key_and_augment(self, xq: Tensor, xk: Tensor) -> tuple:
+        "The key pass first; with saliency='momentum' its own feature map gives the key view's saliency."
+        if not (self.saliency == 'momentum' and self.hard_negative):
+            return super()._key_and_augment(xq, xk)
+        k, key_saliency = self.encode_key(xk, with_saliency=True)
+        return k, self.augment(xq, xk, key_saliency)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import folk_nb.moco as moco_mod
 from folk_nb.methods import create_method
 from folk_nb.moco import MoCo, SaliencyMoCo, contrastive_logits, enqueue, info_nce, positive_accuracy
-from folk_nb.saliency import patch_pixel_mask
+from folk_nb.saliency import cnn_saliency, foreground_patches, patch_pixel_mask, patch_saliency
 
 VIT = dict(model='vit_tiny_patch16_224', img_size=32, patch_size=8, model_kwargs=dict(depth=1, embed_dim=64, num_heads=2))
 CNN = dict(model='test_resnet', img_size=32, cifar_stem=True)
@@ -204,7 +204,7 @@ def test_masking_only_touches_the_query(monkeypatch, fill):
     seen_q, seen_k = [], []
     enc_q, enc_k = m.encode_query, m.encode_key
     monkeypatch.setattr(m, 'encode_query', lambda x: (seen_q.append(x.clone()), enc_q(x))[1])
-    monkeypatch.setattr(m, 'encode_key', lambda x: (seen_k.append(x.clone()), enc_k(x))[1])
+    monkeypatch.setattr(m, 'encode_key', lambda x, **kw: (seen_k.append(x.clone()), enc_k(x, **kw))[1])
     v = views(b=6, seed=3)
     originals = [x.clone() for x in v]
     out = m({'views': v})
@@ -225,6 +225,52 @@ def test_masking_only_touches_the_query(monkeypatch, fill):
     h = out['hard_negative_mask'].sum(1)
     assert not (out['hard_negative_mask'] & ~out['key_foreground']).any()
     assert ((h >= torch.floor(0.4 * fk)) & (h <= torch.floor(0.7 * fk + 1e-9))).all()
+
+
+# ---------------------------------------------------------------- key-view saliency from the key pass
+def stem_batch_sizes(m):
+    "Batch size of every call of the momentum backbone (a hook on its first conv), and the hook's handle."
+    sizes = []
+    stem = next(mod for mod in m.momentum_backbone.modules() if isinstance(mod, torch.nn.Conv2d))
+    return sizes, stem.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[0]))
+
+
+def test_key_saliency_comes_from_the_key_pass():
+    torch.manual_seed(2)
+    m = SaliencyMoCo(**CNN, queue_size=8, hard_negative_ratio=(0.4, 0.7))
+    v = views(b=6, seed=4)
+    ref = copy.deepcopy(m.momentum_backbone).train()               # train mode: BN statistics of the key batch
+    with torch.no_grad():
+        ref_sal = ref.model.forward_features((v[1] - MEAN) / STD).sum(1, keepdim=True)
+    eval_sal = cnn_saliency(m.momentum_backbone, v[1])              # what the separate eval-mode pass gave
+    out = m({'views': v})
+    torch.testing.assert_close(out['key_saliency'], ref_sal)
+    assert not torch.allclose(out['key_saliency'], eval_sal)        # the two modes really differ (BN statistics)
+    fg = foreground_patches(patch_saliency(ref_sal, out['grid'], (32, 32)), 0.6)
+    assert torch.equal(out['key_foreground'], fg)
+    h, nf = out['hard_negative_mask'].sum(1), fg.sum(1)
+    assert not (out['hard_negative_mask'] & ~fg).any()               # only the key pass's foreground is masked
+    assert ((h >= torch.floor(0.4 * nf)) & (h <= torch.floor(0.7 * nf + 1e-9))).all() and h.sum() > 0
+    hpix = patch_pixel_mask(out['hard_negative_mask'], out['grid'], (32, 32))
+    assert torch.equal(torch.where(hpix, 0.0, out['hard_negative']), torch.where(hpix, 0.0, v[1]))
+
+
+@pytest.mark.parametrize('kw,per_direction', [(dict(), [6, 6, 6]),                     # key, query saliency, hard
+                                              (dict(hard_negative=False), [6, 6]),      # query saliency, key
+                                              (dict(saliency='spectral'), [6, 6])])     # key, hard
+@pytest.mark.parametrize('symmetric', [False, True])
+def test_momentum_backbone_passes_per_step(kw, per_direction, symmetric):
+    torch.manual_seed(0)
+    m = SaliencyMoCo(**CNN, queue_size=16, symmetric=symmetric, **kw)
+    sizes, hook = stem_batch_sizes(m)
+    out = m({'views': views(b=6)})
+    assert sizes == per_direction * (1 + symmetric) and torch.isfinite(out['loss'])
+    out['loss'].backward()
+    sizes.clear()
+    a = m.augment(*views(b=6))                                      # the widgets' call: one pass over both views
+    hook.remove()
+    assert sizes == ([12] if kw == {} else [6] if 'hard_negative' in kw else [])
+    if kw == {}: torch.testing.assert_close(a['key_saliency'], cnn_saliency(m.momentum_backbone, views(b=6)[1]))
 
 
 # ---------------------------------------------------------------- gradients and EMA
@@ -375,13 +421,14 @@ def _ddp_worker(rank, world, init_file, out_file):
         q0 = m.queue.clone()
         m.eval()                                                       # BN running statistics: keys do not depend on the shuffle
         m({'views': v})
-        shuffled = m.encode_key(v[1])
+        shuffled, shuffled_sal = m.encode_key(v[1], with_saliency=True)
         m.shuffle_bn = False
-        plain = m.encode_key(v[1])
+        plain, plain_sal = m.encode_key(v[1], with_saliency=True)
         x = torch.arange(3.0)[:, None] + 3 * rank
         share, undo = moco_mod.shuffle_across_ranks(x)
         back = moco_mod.unshuffle_across_ranks(share * 10, undo)
         torch.save(dict(queue=m.queue, ptr=m.queue_ptr, q0=q0, shuffled=shuffled, plain=plain, share=share,
+                        shuffled_sal=shuffled_sal, plain_sal=plain_sal,
                         back=back, x=x), f'{out_file}.{rank}')
     finally:
         dist.destroy_process_group()
@@ -399,5 +446,6 @@ def test_ddp_gather_and_shuffle_bn(tmp_path):
     assert torch.equal(r[0]['queue'][6:], r[0]['q0'][6:])
     for i in range(2):
         torch.testing.assert_close(r[i]['shuffled'], r[i]['plain'], atol=1e-5, rtol=0)
+        torch.testing.assert_close(r[i]['shuffled_sal'], r[i]['plain_sal'])    # the map is unshuffled like the keys
         assert torch.equal(r[i]['back'], r[i]['x'] * 10)
     assert sorted(torch.cat([r[0]['share'], r[1]['share']])[:, 0].tolist()) == [0, 1, 2, 3, 4, 5]
