@@ -210,9 +210,9 @@ def _git_commit() -> str:
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
-def _takes_epoch_length(method) -> bool:
-    "Whether `method.schedule` accepts `steps_per_epoch` (methods written before it was added take two arguments)."
-    params = inspect.signature(method.schedule).parameters
+def _takes_epoch_length(schedule) -> bool:
+    "Whether a `schedule` callable accepts `steps_per_epoch` (methods written before it was added take two arguments)."
+    params = inspect.signature(schedule).parameters
     return 'steps_per_epoch' in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 class NonFiniteLossError(RuntimeError): "Raised when too many consecutive losses are NaN or infinite."
@@ -238,7 +238,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         if len(loader) == 0: raise ValueError("the loader yields no batch: check the dataset size, batch size and drop_last")
         self.steps_per_epoch = len(loader)
-        self._schedule_takes_epoch = _takes_epoch_length(method)
+        self._schedule_seen = (None, False)   # (schedule function, whether it takes steps_per_epoch)
         self.total_steps = self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
         self.warmup_steps = self.cfg.warmup_steps if self.cfg.warmup_steps is not None else max(1, int(0.05 * self.total_steps))
         self.global_batch = getattr(loader, 'batch_size', None) or 0
@@ -360,7 +360,9 @@ class Trainer:
         "One optimiser step on a batch; returns the logged values, or None if the loss was not finite."
         m = _unwrap(self.model)
         pos = self.schedule_position()
-        sched = (m.schedule(pos, self.total_steps, steps_per_epoch=self.steps_per_epoch) if self._schedule_takes_epoch
+        fn = getattr(m.schedule, '__func__', m.schedule)                   # looked up each step: it may be replaced
+        if fn is not self._schedule_seen[0]: self._schedule_seen = (fn, _takes_epoch_length(m.schedule))
+        sched = (m.schedule(pos, self.total_steps, steps_per_epoch=self.steps_per_epoch) if self._schedule_seen[1]
                  else m.schedule(pos, self.total_steps))                   # a Method written before the third argument
         lr = cosine_lr(pos, self.total_steps, self.peak_lr, self.warmup_steps, self.cfg.min_lr)
         for g in self.optimizer.param_groups: g['lr'] = lr
