@@ -42,7 +42,7 @@ small 32 px models vit_micro_p4_32 and resnet18_32 with batch 8, 1 warm-up + 3 s
 measurement: CPU shares differ from GPU ones). `--trace DIR` also writes one chrome trace per configuration. One JSON
 line per configuration (with device, date, command, git commit) is appended to bench/results/profile_step.jsonl.
 """
-import argparse, bisect, functools, json, os, re, statistics, subprocess, sys, tempfile, time, traceback
+import argparse, bisect, functools, json, os, re, statistics, subprocess, sys, tempfile, time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,7 +58,7 @@ from folk_nb.methods import METHODS
 if str(Path(__file__).resolve().parent) not in sys.path: sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, load_average, warn_if_busy, load_pair, command_line, append_rows  # noqa: E402
 from train_step import (MODELS, GPU_MODELS, default_batch, build_method, first_batch, make_trainer, sync,  # noqa: E402
-                        describe, add_step_arguments, resolve_step_arguments)
+                        describe, add_step_arguments, resolve_step_arguments, failed_row)
 
 RESULTS = RESULTS_DIR / 'profile_step.jsonl'
 CPU_MODELS = ('vit_micro_p4_32', 'resnet18_32')
@@ -423,11 +423,8 @@ def profile_one(method_name: str, model_key: str, batch: int, steps: int, warmup
             prof.export_chrome_trace(str(path))
             row['trace'] = str(path)
         row.update(analyse(prof.events(), cuda, steps, dt * 1e3))
-    except torch.cuda.OutOfMemoryError:
-        return dict(row, status='oom')
     except Exception as e:  # one broken method must not end the whole matrix
-        traceback.print_exc()
-        return dict(row, status=f'error: {type(e).__name__}: {str(e)[:200]}')
+        return failed_row(row, e)
     finally:
         if cuda: torch.cuda.empty_cache()
     return dict(row, status='ok', step_ms=dt * 1e3, img_per_s=batch / dt,

@@ -167,6 +167,13 @@ def make_trainer(method, b: dict, batch: int, device: torch.device, amp: str, co
     return Trainer(method, _OneBatch(b, batch), tc, dist_info=DistInfo(device=device))
 
 
+def failed_row(row: dict, e: Exception) -> dict:
+    "The row of a configuration that raised: status 'oom' for CUDA out-of-memory, else 'error: ...' (traceback printed)."
+    if isinstance(e, torch.cuda.OutOfMemoryError): return dict(row, status='oom')
+    traceback.print_exc()
+    return dict(row, status=f'error: {type(e).__name__}: {str(e)[:200]}')
+
+
 def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: int, device: torch.device,
               amp: str = 'auto', compile: bool = False, peak_flops: float = None, method_kwargs: dict = None,
               at: float = 0.0) -> dict:
@@ -195,11 +202,8 @@ def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: 
             opt.step(); opt.zero_grad(set_to_none=True)
             method.after_optimizer_step()
         dt_plain, mem_plain = timed(plain, warmup, steps, device)
-    except torch.cuda.OutOfMemoryError:
-        return dict(row, status='oom')
     except Exception as e:  # one broken method must not end the whole matrix
-        traceback.print_exc()
-        return dict(row, status=f'error: {type(e).__name__}: {str(e)[:200]}')
+        return failed_row(row, e)
     finally:
         if device.type == 'cuda': torch.cuda.empty_cache()
     row.update(status='ok', step_ms=dt * 1e3, img_per_s=batch / dt, peak_mem_gb=None if mem is None else mem / 2 ** 30,
