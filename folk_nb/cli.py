@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--epochs', type=int, default=1)
     g.add_argument('--max-steps', type=int, help='stop after this many steps (also the schedule length)')
     g.add_argument('--time-budget', type=float, metavar='MINUTES', help='training-time budget: the schedule is sized to '
-                   'the steps that fit (timed on 20 calibration steps) and the run stops when it is spent; '
-                   '--epochs / --max-steps still cap it')
+                   'the steps that fit (timed on 20 calibration steps), the schedules run on the clock and the run '
+                   'ends when the budget is spent; --epochs / --max-steps still cap it')
     g.add_argument('--batch-size', type=int, default=64, help='images per step per process')
     g.add_argument('--lr', type=float, help='absolute peak learning rate (default: base-lr * global batch / 512)')
     g.add_argument('--base-lr', type=float, default=1.5e-4)

@@ -26,7 +26,7 @@ class TrainConfig:
     "Hyper-parameters and switches of a training run (saved with every checkpoint)."
     epochs: int = 1                  # passes over the loader (the schedule length unless max_steps is set)
     max_steps: int | None = None     # stop after this many optimiser steps (and use it as the schedule length)
-    time_budget_min: float | None = None  # training-time budget in minutes: the schedule is sized to fit it, the run stops when it is spent
+    time_budget_min: float | None = None  # training-time budget in minutes: schedules sized to it and run on the clock; the run ends when it is spent
     base_lr: float = 1.5e-4          # learning rate per 512 images (global batch)
     lr: float | None = None          # absolute learning rate; overrides base_lr
     min_lr: float = 0.0              # floor of the cosine decay
