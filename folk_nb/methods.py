@@ -77,11 +77,12 @@ def create_method(
 
 # %% ../nbs/30_methods.ipynb #91b4b7c9
 def checkpoint_config(
-    name: str,     # method name saved in the checkpoint
+    method,        # the method's name (one of `METHODS`) or its class
     config: dict,  # method config saved in the checkpoint
 ) -> dict:         # the config completed with the values of options added since
     "A saved method config, completed with what options added after it was written imply."
-    return {**method_class(name).config_added, **config}
+    cls = method_class(method) if isinstance(method, str) else method
+    return {**getattr(cls, 'config_added', {}), **config}
 
 # %% ../nbs/30_methods.ipynb #13cfe27f
 def method_from_checkpoint(

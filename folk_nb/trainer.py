@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn, Tensor
 from .checks import value_checks
+from .methods import checkpoint_config
 
 # %% auto #0
 __all__ = ['COMPILE_MODES', 'CHECKPOINT_FORMAT', 'TrainConfig', 'cosine_lr', 'atomic_save', 'load_checkpoint', 'rng_state',
@@ -289,7 +290,7 @@ class Trainer:
     def check_compatible(self, ckpt: dict) -> None:
         "Refuse a checkpoint of another method or model, saying what differs."
         m = _unwrap(self.model)
-        saved = {**getattr(type(m), 'config_added', {}), **ckpt['method_config']}   # options added since: the value older runs imply
+        saved = checkpoint_config(type(m), ckpt['method_config'])   # options added since: the value older runs imply
         if ckpt['method'] != m.name or saved != m.config:
             diff = {k: (saved.get(k), m.config.get(k)) for k in set(saved) | set(m.config) if saved.get(k) != m.config.get(k)}
             raise ValueError(f"cannot resume: the checkpoint is method {ckpt['method']!r}, this run is {m.name!r}"

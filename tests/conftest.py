@@ -19,6 +19,17 @@ def _archive_candidates():
     return [REPO.parent / 'shared' / 'data' / ARCHIVE_NAME, REPO / 'data' / ARCHIVE_NAME]
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    "Tiny models, for a module that asks for it: one intra-op thread is several times faster than two fighting over"
+    " a shared 2-core machine."
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='session')
 def cifar10_archive() -> Path:
     "Path of the CIFAR-10 JPEG archive (skip, or fail under CI=true, when it is absent)."

@@ -88,14 +88,15 @@ def test_console_script_exits_zero_after_a_run(tmp_path):
 
 
 def test_time_budget_sizes_the_schedule_and_stops_the_run(tmp_path):
-    "--time-budget: calibration sizes the schedule from the measured step time; the training time stays within the budget."
+    "--time-budget: calibration sizes the schedule from the measured step time; the run ends when the budget is spent."
     budget_min = 0.05
     s = run('mfm', tmp_path, '--time-budget', str(budget_min), '--epochs', '1000', '--ckpt-every', '100000', '--log-every', '50')
     cal = s['calibration']
     assert cal['budget_min'] == budget_min and cal['timed_steps'] == 20 and not cal['capped']
     assert cal['total_steps'] == int(budget_min * 60 / cal['seconds_per_step'])     # the steps that fit in the budget
-    assert s['status'] in ('finished', 'time budget spent') and 0 < s['steps'] <= cal['total_steps']
-    assert s['train_seconds'] >= budget_min * 60 or s['steps'] == cal['total_steps']  # stopped by the budget or the schedule's end
+    # the schedules run on the clock: the run ends with the budget (more or fewer steps than calibrated, as the
+    # machine's speed drifts), and that is the end of its schedule
+    assert s['status'] == 'finished' and s['steps'] > 0 and s['train_seconds'] >= budget_min * 60
     assert s['train_seconds'] < budget_min * 60 + 2.0                                  # overshoot: about one step
     ckpt = load_checkpoint(tmp_path / 'checkpoints' / 'last.pt')
     assert ckpt['calibration'] == cal and ckpt['total_steps'] == cal['total_steps'] and ckpt['train_seconds'] == s['train_seconds']

@@ -28,13 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=1, embed_dim=32, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny tensors: one thread is faster than two fighting over a shared, busy CPU."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py: one intra-op thread in this module
 
 
 def tiny_vit(seed=0, **kw):

@@ -14,6 +14,17 @@ LOG_ROWS = 10                # 30 steps, a log row every 3
 INPUT, PRED = 1, 2           # ReconstructionViewer traces: encoder input, reconstruction
 
 
+def slide_up(widget, slider: str, what: str, kept) -> tuple:
+    "Move `slider` up, wait until the widget redraws with new pixels; (kept bins before, after) as `kept` measures."
+    s0 = widget.snapshot()
+    kept0 = kept(f'{what} after Run All')
+    before, after = widget.move_slider(slider, +6)
+    assert float(after) > float(before)
+    s1 = widget.wait_changed(s0, f'moving the {what} {slider} slider', text_changed=True)
+    assert s1['pixels'] != s0['pixels']
+    return kept0, kept(f'{what} {slider} up')
+
+
 def test_tutorial_widgets_react_in_the_browser(open_notebook):
     t0 = time.monotonic()
     nb = open_notebook(NOTEBOOK)
@@ -40,41 +51,26 @@ def test_tutorial_widgets_react_in_the_browser(open_notebook):
     # ---- SpectrumExplorer: a larger MFM disc keeps more bins
     se = nb.widget(has='.js-plotly-plot', has_text='kept', has_not_text='pixel MSE')
     se.plot().locator('.main-svg').first.wait_for()
-    e0 = se.snapshot()
     assert se.html_text('kept').startswith('MFM low-pass:'), se.html_text('kept')
-    kept0 = check_keep_mask(se, EXPLORER_SIZE, 'after Run All')
-    before, after = se.move_slider('radius', +6)
-    assert float(after) > float(before)
-    e1 = se.wait_changed(e0, 'moving the radius slider', text_changed=True)
-    assert check_keep_mask(se, EXPLORER_SIZE, 'radius up') > kept0
-    assert e1['pixels'] != e0['pixels']
+    kept0, kept1 = slide_up(se, 'radius', 'SpectrumExplorer', lambda step: check_keep_mask(se, EXPLORER_SIZE, step))
+    assert kept1 > kept0
     se.screenshot('0-spectrum-explorer')
 
     # ---- the MFM toy in the ReconstructionViewer: radius slider
     mfm = nb.widget(has='.js-plotly-plot', has_text='MFM · MFM low-pass')
     mfm.plot().locator('.main-svg').first.wait_for()
-    m0 = mfm.snapshot()
-    kept0 = check_kept_profile(mfm, SIZE, 'MFM after Run All')
     input0, pred0 = mfm.trace_data(INPUT, 'source'), mfm.trace_data(PRED, 'source')
     mfm.screenshot('1-mfm-viewer')
-    before, after = mfm.move_slider('radius', +6)
-    assert float(after) > float(before)
-    m1 = mfm.wait_changed(m0, 'moving the MFM radius slider', text_changed=True)
-    assert check_kept_profile(mfm, SIZE, 'MFM radius up') > kept0
+    kept0, kept1 = slide_up(mfm, 'radius', 'MFM', lambda step: check_kept_profile(mfm, SIZE, step))
+    assert kept1 > kept0
     assert mfm.trace_data(INPUT, 'source') != input0 and mfm.trace_data(PRED, 'source') != pred0
-    assert m1['pixels'] != m0['pixels']
     mfm.screenshot('2-mfm-viewer-radius-up')
 
     # ---- the FOLK toy: Com, threshold slider; a higher threshold keeps fewer bins
     folk = nb.widget(has='.js-plotly-plot', has_text='FOLK · Com')
     folk.plot().locator('.main-svg').first.wait_for()
-    f0 = folk.snapshot()
-    kept0 = check_kept_profile(folk, SIZE, 'FOLK after Run All')
-    before, after = folk.move_slider('threshold', +6)
-    assert float(after) > float(before)
-    f1 = folk.wait_changed(f0, 'moving the FOLK threshold slider', text_changed=True)
-    assert check_kept_profile(folk, SIZE, 'FOLK threshold up') < kept0
-    assert f1['pixels'] != f0['pixels']
+    kept0, kept1 = slide_up(folk, 'threshold', 'FOLK', lambda step: check_kept_profile(folk, SIZE, step))
+    assert kept1 < kept0
     folk.screenshot('3-folk-viewer-threshold-up')
     nb.screenshot('page')
     nb.assert_clean()
