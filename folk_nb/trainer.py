@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_trainer.ipynb #99129e2c
 from __future__ import annotations
-import copy, csv, dataclasses, inspect, json, math, os, random, signal, subprocess, sys, time
+import copy, csv, dataclasses, inspect, io, json, math, os, random, signal, subprocess, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -15,9 +15,9 @@ from .checks import value_checks
 from .methods import checkpoint_config
 
 # %% auto #0
-__all__ = ['COMPILE_MODES', 'CHECKPOINT_FORMAT', 'TrainConfig', 'cosine_lr', 'atomic_save', 'load_checkpoint', 'rng_state',
-           'set_rng_state', 'DistInfo', 'setup_distributed', 'to_device', 'batch_size_of', 'CSVLog',
-           'NonFiniteLossError', 'Trainer']
+__all__ = ['COMPILE_MODES', 'CHECKPOINT_FORMAT', 'TrainConfig', 'cosine_lr', 'atomic_save', 'load_checkpoint',
+           'check_weights_only', 'rng_state', 'set_rng_state', 'DistInfo', 'setup_distributed', 'to_device',
+           'batch_size_of', 'CSVLog', 'NonFiniteLossError', 'Trainer']
 
 # %% ../nbs/40_trainer.ipynb #d30fd085
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's modes
@@ -63,6 +63,9 @@ class TrainConfig:
             raise ValueError(f"compile must be True, False or a torch.compile mode ({', '.join(map(repr, COMPILE_MODES))}), "
                              f"got {self.compile!r}")
         self.betas = tuple(self.betas)
+        if isinstance(self.out_dir, os.PathLike): self.out_dir = os.fspath(self.out_dir)   # a Path is fine; stored as str
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ValueError(f"out_dir must be a folder path (str or Path), got {self.out_dir!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> 'TrainConfig':
@@ -120,6 +123,35 @@ def load_checkpoint(
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
         raise ValueError(f"'{path}' is not a folk_nb checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return ckpt
+
+# %% ../nbs/40_trainer.ipynb #ec966910
+def _round_trips(obj) -> bool:
+    buf = io.BytesIO()
+    try:
+        torch.save(obj, buf); buf.seek(0)
+        torch.load(buf, weights_only=True)
+        return True
+    except Exception: return False
+
+def _first_unloadable(obj, where: str):
+    "The `where[...]` path of the first leaf of `obj` that does not survive a weights_only load, or None."
+    if isinstance(obj, dict): items = obj.items()
+    elif isinstance(obj, (list, tuple)): items = enumerate(obj)
+    else: return None if _round_trips(obj) else (where, obj)
+    for k, v in items:
+        bad = _first_unloadable(v, f"{where}[{k!r}]")
+        if bad: return bad
+    return None if _round_trips(obj) else (where, obj)
+
+def check_weights_only(
+    obj,                  # what a checkpoint will hold (dicts, lists, numbers, strings, tensors)
+    what: str = 'value',  # its name, for the error message
+) -> None:
+    "Raise a clear error if `obj` would not load back with `torch.load(weights_only=True)`."
+    if _round_trips(obj): return
+    where, bad = _first_unloadable(obj, what) or (what, obj)
+    raise ValueError(f"{where} = {bad!r} ({type(bad).__module__}.{type(bad).__qualname__}) cannot be stored in a checkpoint "
+                     "that loads with weights_only=True: use numbers, strings, lists, dicts or tensors")
 
 # %% ../nbs/40_trainer.ipynb #7532373b
 def rng_state() -> dict:
@@ -237,6 +269,7 @@ class Trainer:
         self.method, self.loader, self.knn_data = method.to(self.device), loader, knn_data
         self.run_info = run_info or {}
         self.callbacks = list(callbacks)
+        check_weights_only(dict(method_config=method.config, train_config=asdict(self.cfg)), 'checkpoint')  # before any work
         if len(loader) == 0: raise ValueError("the loader yields no batch: check the dataset size, batch size and drop_last")
         self.steps_per_epoch = len(loader)
         self._schedule_seen = (None, False)   # (schedule function, whether it takes steps_per_epoch)

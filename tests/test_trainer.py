@@ -130,6 +130,21 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     assert load_checkpoint(tmp_path / 'checkpoints' / 'last.pt')['step'] == 1   # our own pass weights_only
 
 
+def test_a_path_out_dir_gives_checkpoints_that_load_with_weights_only(tmp_path):
+    Trainer(NoisyToy(), FixedLoader(), config(tmp_path, max_steps=1, out_dir=tmp_path / 'run')).fit()
+    ckpt = load_checkpoint(tmp_path / 'run' / 'checkpoints' / 'last.pt')
+    assert ckpt['train_config']['out_dir'] == str(tmp_path / 'run')
+    Trainer(NoisyToy(), FixedLoader(), config(tmp_path, max_steps=2, out_dir=tmp_path / 'run')).resume().fit()
+
+
+def test_settings_a_checkpoint_cannot_hold_are_refused_before_any_work(tmp_path):
+    toy = NoisyToy()
+    toy.config['init'] = torch.nn.init.normal_              # a function: weights_only loading would refuse it
+    with pytest.raises(ValueError, match=r"checkpoint\['method_config'\]\['init'\] = .*weights_only=True"):
+        Trainer(toy, FixedLoader(), config(tmp_path / 'run', max_steps=1))
+    assert not (tmp_path / 'run').exists()
+
+
 def test_config_json_and_summary_are_written(tmp_path):
     import json
     s = Trainer(NoisyToy(), FixedLoader(), config(tmp_path, max_steps=3), run_info={'command': 'test'}).fit()
