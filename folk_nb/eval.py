@@ -813,5 +813,8 @@ def evaluate(
 # %% ../nbs/42_eval.ipynb #93f0b105
 def main(argv=None) -> int:
     "The `folk_nb_eval` command: evaluate a checkpoint with one protocol, print the accuracy, write the record(s)."
-    evaluate(argv)
+    try: evaluate(argv)
+    except (ValueError, FileNotFoundError, TypeError, OSError) as e:   # bad input: one line, exit status 2
+        print(f"folk_nb_eval: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     return 0
