@@ -14,7 +14,10 @@ Each row is the median of `--repeats` updates, each to a *different* control val
 first), as wall time and as the CPU time of this process: on a machine shared with other jobs the wall time grows
 most, but on a small virtual machine the CPU time grows too (shared cores and caches), so compare runs made under a
 similar load: each JSON line keeps the 1-minute load average. Rows that run a model also time the model's forward
-pass alone ("model"). `--png-level` sets the zlib level of the widgets' pictures (`ExplorerBox.png_level`), `--label`
+pass alone ("model"). The attention explorers read every layer (and the rollout) of an image in one forward pass and
+keep it, so a layer switch on an image already seen runs no model ("layer dropdown (cached)"); the "uncached" row
+clears that cache before each switch, so it times what the first look at a new image or checkpoint costs (the ViT
+run through all its blocks). `--png-level` sets the zlib level of the widgets' pictures (`ExplorerBox.png_level`), `--label`
 stores a note with the rows (e.g. what was changed). Models have random weights (speed does not depend on training):
   ViT-S/16         - the PatchMaskExplorer's default ViT (vit_small_patch16_224, 12 blocks, width 384)
   toy ViT          - vit_tiny_patch16_224 cut to 2 blocks (width 192): the viewers' demo-sized model
@@ -95,18 +98,19 @@ def bench_spectrum(repeats, wire):
 
 
 def bench_patch(repeats, wire):
-    from folk_nb.patch_explorer import PatchMaskExplorer, vit_attention
+    from folk_nb.patch_explorer import PatchMaskExplorer, vit_attention_layers
     ex = PatchMaskExplorer(size=SIZE)
     model = 'ViT-S/16 (12 blocks)'
     yield 'PatchMaskExplorer', 'mask-ratio slider', model, median_ms(set_value(ex.mask_ratio), [0.3, 0.35, 0.4, 0.45, 0.5], repeats, wire)
     yield 'PatchMaskExplorer', 'head dropdown', model, median_ms(set_value(ex.head), [v for _, v in ex.head.options], repeats, wire)
-    def new_layer(v):
-        ex._attention.clear()                      # a layer not seen before: the ViT runs up to it
+    def uncached_layer(v):
+        ex._attention.clear()                      # an image not seen before: the ViT runs through every block
         ex.layer.value = v
     x = ex.current_image()
-    r = median_ms(new_layer, [11, 5, 8, 10], max(3, repeats // 2), wire)
-    r.update(forward_ms(lambda: vit_attention(ex.model, x, 8), max(3, repeats // 2)))
-    yield 'PatchMaskExplorer', 'layer dropdown (runs the ViT)', model, r
+    r = median_ms(uncached_layer, [11, 5, 8, 10], max(3, repeats // 2), wire)
+    r.update(forward_ms(lambda: vit_attention_layers(ex.model, x), max(3, repeats // 2)))
+    yield 'PatchMaskExplorer', 'layer dropdown, uncached (ViT, all layers)', model, r
+    yield 'PatchMaskExplorer', 'layer dropdown (cached)', model, median_ms(set_value(ex.layer), [11, 5, 8, 10, 'rollout'], repeats, wire)
 
 
 def bench_saliency(repeats, wire):
@@ -147,11 +151,15 @@ def bench_attention(repeats, wire):
     for label, kw in MODELS.items():
         av = AttentionViewer(create_method('mae', img_size=SIZE, **kw, **MAE_DECODER))
         yield 'AttentionViewer', 'head dropdown', label, median_ms(set_value(av.head), [v for _, v in av.head.options], repeats, wire)
-        def new_layer(v):
-            for k in [k for k in av._memo if k[0] == 'layer']: del av._memo[k]   # a layer not seen before
+        def uncached_layer(v):
+            for k in [k for k in av._memo if k[0] == 'layers']: del av._memo[k]   # the one pass not yet made
             av.layer.value = v
-        r = median_ms(new_layer, list(range(len(av.model.blocks))), repeats, wire)
-        yield 'AttentionViewer', 'layer dropdown (runs the ViT)', label, r
+        layers = list(range(len(av.model.blocks)))
+        x = av.current_image()[None]
+        r = median_ms(uncached_layer, layers, repeats, wire)
+        r.update(forward_ms(lambda: av.layer_attention(x), repeats))
+        yield 'AttentionViewer', 'layer dropdown, uncached (ViT, all layers)', label, r
+        yield 'AttentionViewer', 'layer dropdown (cached)', label, median_ms(set_value(av.layer), layers, repeats, wire)
 
 
 def bench_dashboard(repeats, wire):
@@ -171,11 +179,11 @@ def describe() -> str:
 
 def print_table(rows: list, repeats: int, threads: int) -> None:
     print(f"\none update at {SIZE} px, torch {torch.__version__}, {threads} CPU thread(s); median of {repeats} updates")
-    head = (f"{'explorer':<21}{'update':<32}{'model':<24}{'wall ms':>8}{'CPU ms':>8}{'model CPU':>10}{'sent kB':>9}")
+    head = (f"{'explorer':<21}{'update':<44}{'model':<24}{'wall ms':>8}{'CPU ms':>8}{'model CPU':>10}{'sent kB':>9}")
     print(head); print('-' * len(head))
     for r in rows:
         model = f"{r['model_cpu_ms']:10.1f}" if 'model_cpu_ms' in r else f"{'':>10}"
-        print(f"{r['explorer']:<21}{r['update']:<32}{r['model']:<24}{r['wall_ms']:8.1f}{r['cpu_ms']:8.1f}{model}{r['sent_kb']:9.0f}")
+        print(f"{r['explorer']:<21}{r['update']:<44}{r['model']:<24}{r['wall_ms']:8.1f}{r['cpu_ms']:8.1f}{model}{r['sent_kb']:9.0f}")
 
 
 def main(argv=None) -> int:

@@ -16,8 +16,9 @@ from .spectrum import check_images, filter_image, frequency_coords
 from .checks import value_checks_enabled
 
 # %% auto #0
-__all__ = ['check_vit', 'unfused_attention', 'cls_attention', 'attention_map', 'box_resample', 'boxes_from_crop_params',
-           'AttentionBank', 'refresh_steps', 'should_refresh', 'smooth_map', 'frequency_prior', 'famt_weights']
+__all__ = ['check_vit', 'unfused_attention', 'cls_attention', 'attention_map', 'attention_layers', 'box_resample',
+           'boxes_from_crop_params', 'AttentionBank', 'refresh_steps', 'should_refresh', 'smooth_map',
+           'frequency_prior', 'famt_weights']
 
 # %% ../nbs/11_attention.ipynb #6051c055
 def check_vit(
@@ -66,12 +67,14 @@ def _patch_grid(model, h, w):
     return h // ph, w // pw
 
 
-def _capture_attention(model, x, layer, reduce, query):
-    "Run `model` on `x`; return the reduced attention of blocks 0..layer and the patch grid."
+def _check_inputs(model, x, query, layer=None):
+    "Validate a read; return the prefix-token count, the block index (None when no `layer`) and the patch grid."
     check_vit(model)
     n_blocks = len(model.blocks)
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not -n_blocks <= layer < n_blocks:
-        raise ValueError(f"layer: expected an integer block index in [{-n_blocks}, {n_blocks - 1}], got {layer!r}")
+    if layer is not None:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not -n_blocks <= layer < n_blocks:
+            raise ValueError(f"layer: expected an integer block index in [{-n_blocks}, {n_blocks - 1}], got {layer!r}")
+        layer = layer % n_blocks
     if query not in ('cls', 'mean'):
         raise ValueError(f"query: expected 'cls' or 'mean', got {query!r}")
     npt = int(getattr(model, 'num_prefix_tokens', 1 if getattr(model, 'cls_token', None) is not None else 0))
@@ -80,9 +83,13 @@ def _capture_attention(model, x, layer, reduce, query):
                          "use query='mean' (mean attention from all patch queries)")
     proj = getattr(model.patch_embed, 'proj', None)
     check_images(x, 'x', channels=(proj.in_channels,) if isinstance(proj, nn.Conv2d) else None)
-    layer = layer % n_blocks
-    gh, gw = _patch_grid(model, *x.shape[-2:])
-    state = {'out': None}
+    return npt, layer, _patch_grid(model, *x.shape[-2:])
+
+
+def _read_attention(model, x, read, npt, grid, on_weights):
+    "Run `model` on `x` with blocks `read` un-fused and hooked; call on_weights(i, attn) per block; return the blocks read."
+    gh, gw = grid
+    last, seen = max(read), []
 
     def hook(i):
         def fn(module, args):
@@ -90,18 +97,11 @@ def _capture_attention(model, x, layer, reduce, query):
             if a.ndim != 4 or a.shape[-1] != a.shape[-2] or a.shape[-1] != npt + gh * gw:
                 raise TypeError(f"model: block {i} attention has shape {tuple(a.shape)}, expected (B, heads, T, T) "
                                 f"with T = {npt} prefix + {gh}x{gw} patch tokens (windowed attention is not supported)")
-            a = a.float()
-            if reduce == 'rows':
-                if i == layer:
-                    state['out'] = a[:, :, 0, npt:] if query == 'cls' else a[:, :, npt:, npt:].mean(2)
-            else:  # rollout
-                r = a.mean(1) + torch.eye(a.shape[-1], device=a.device)
-                r = r / r.sum(-1, keepdim=True)
-                state['out'] = r if state['out'] is None else r @ state['out']
-            if i == layer: raise _StopForward
+            on_weights(i, a.float())
+            seen.append(i)
+            if i == last: raise _StopForward
         return fn
 
-    read = [layer] if reduce == 'rows' else list(range(layer + 1))    # the blocks whose weights are read
     flags = [(m, m.training) for m in model.modules()]
     handles = [model.blocks[i].attn.attn_drop.register_forward_pre_hook(hook(i)) for i in read]
     try:
@@ -112,9 +112,35 @@ def _capture_attention(model, x, layer, reduce, query):
     finally:
         for h in handles: h.remove()
         for m, flag in flags: m.training = flag
-    if state['out'] is None:
+    if not seen:
         raise TypeError(f"model: no attention weights were captured from {type(model).__name__}; its attention "
                         "modules do not pass softmax(q k^T) through attn_drop")
+    return seen
+
+
+def _query_rows(a, npt, query):
+    "(B, ..., T, T) -> (B, ..., N): the CLS row or the mean patch-query row, prefix keys dropped."
+    return a[..., 0, npt:] if query == 'cls' else a[..., npt:, npt:].mean(-2)
+
+
+def _rollout_step(a, r):
+    "One rollout step: `A = mean_heads(a) + I`, rows renormalised, then `A @ r` (r None: the first block)."
+    step = a.mean(1) + torch.eye(a.shape[-1], device=a.device)
+    step = step / step.sum(-1, keepdim=True)
+    return step if r is None else step @ r
+
+
+def _capture_attention(model, x, layer, reduce, query):
+    "Run `model` on `x`; return the reduced attention of blocks 0..layer and the patch grid."
+    npt, layer, (gh, gw) = _check_inputs(model, x, query, layer)
+    state = {'out': None}
+
+    def on_weights(i, a):
+        if reduce == 'rows': state['out'] = _query_rows(a, npt, query)
+        else: state['out'] = _rollout_step(a, state['out'])
+
+    read = [layer] if reduce == 'rows' else list(range(layer + 1))    # the blocks whose weights are read
+    _read_attention(model, x, read, npt, (gh, gw), on_weights)
     return state['out'], npt, (gh, gw)
 
 # %% ../nbs/11_attention.ipynb #20c1feb9
@@ -146,13 +172,36 @@ def attention_map(
     "CLS→patch attention map of a timm ViT: one layer's head mean, or the rollout."
     if rollout:
         r, npt, (gh, gw) = _capture_attention(model, x, layer, 'rollout', query)
-        m = r[:, 0, npt:] if query == 'cls' else r[:, npt:, npt:].mean(1)
+        m = _query_rows(r, npt, query)
         if normalize: m = _minmax(m, (1,))
     else:
         m, npt, (gh, gw) = _capture_attention(model, x, layer, 'rows', query)
         if normalize: m = _minmax(m, (2,))
         m = m.mean(1)
     return m.reshape(-1, gh, gw)
+
+# %% ../nbs/11_attention.ipynb #79c58b8f
+def attention_layers(
+    model: nn.Module,    # timm ViT
+    x: Tensor,           # (B, C, H, W) input exactly as the model expects it (normalised)
+    query: str = 'cls',  # 'cls': CLS→patch; 'mean': mean over patch queries (models without CLS)
+) -> tuple[Tensor, Tensor]:  # rows (L, B, heads, gh, gw) and un-normalised rollout (L, B, gh, gw), float32
+    "Per-head rows of every layer and the rollout through each layer, from one forward pass."
+    npt, _, (gh, gw) = _check_inputs(model, x, query)
+    n_blocks = len(model.blocks)
+    rows, rollout, state = [], [], {'r': None}
+
+    def on_weights(i, a):
+        rows.append(_query_rows(a, npt, query).clone())          # clone: a view would keep all of `a` alive
+        state['r'] = _rollout_step(a, state['r'])
+        rollout.append(_query_rows(state['r'], npt, query).clone())
+
+    seen = _read_attention(model, x, list(range(n_blocks)), npt, (gh, gw), on_weights)
+    if seen != list(range(n_blocks)):
+        raise TypeError(f"model: attention weights were captured from blocks {seen} of {type(model).__name__}, "
+                        f"expected each of its {n_blocks} blocks once, in order")
+    b, heads = rows[0].shape[:2]
+    return torch.stack(rows).reshape(n_blocks, b, heads, gh, gw), torch.stack(rollout).reshape(n_blocks, b, gh, gw)
 
 # %% ../nbs/11_attention.ipynb #b23ba4b9
 def _check_grid(size, name):

@@ -21,7 +21,7 @@ from plotly.subplots import make_subplots
 from .spectrum_explorer import ExplorerBox
 from .images import sample_names, load_sample, load_image, to_uint8_image, to_png_data_uri
 from .models import Backbone, normalize_images
-from .attention import check_vit, cls_attention, attention_map, famt_weights
+from .attention import check_vit, cls_attention, attention_map, attention_layers, famt_weights
 from .patch_masks import (PatchSplit, split_labels, mask_throw_keep, random_split, attmask_split,
                                  VISIBLE, MASKED, THROWN)
 from .saliency import (FILLS, cnn_saliency, spectral_residual_saliency, patch_grid_size, patch_saliency,
@@ -30,8 +30,8 @@ from .saliency import (FILLS, cnn_saliency, spectral_residual_saliency, patch_gr
 # %% auto #0
 __all__ = ['DEFAULT_VIT', 'SPLIT_MODES', 'MAX_RATIO_SUM', 'SPLIT_COLORS', 'PATCH_PANEL_TITLES', 'SALIENCY_SOURCES', 'MASK_COLORS',
            'FOREGROUND_COLORS', 'SALIENCY_PANEL_TITLES', 'vit_from_checkpoint', 'as_vit', 'vit_input_size',
-           'vit_attention', 'head_map', 'choose_split', 'patch_panels', 'PatchMaskExplorer', 'saliency_of',
-           'saliency_panels', 'SaliencyExplorer']
+           'vit_attention', 'head_map', 'vit_attention_layers', 'choose_split', 'patch_panels', 'PatchMaskExplorer',
+           'saliency_of', 'saliency_panels', 'SaliencyExplorer']
 
 # %% ../nbs/13_patch_explorer.ipynb #98465fab
 def vit_from_checkpoint(
@@ -87,19 +87,23 @@ def _minmax(a: Tensor) -> Tensor:
     lo, hi = a.amin((-2, -1), keepdim=True), a.amax((-2, -1), keepdim=True)
     return (a - lo) / (hi - lo).clamp_min(1e-12)
 
-def vit_attention(
-    model: nn.Module,  # a timm ViT
-    x: Tensor,         # one image (3, H, W) in [0, 1]
-    layer='last',      # block index, 'last', or 'rollout'
-) -> Tensor:           # (heads, gh, gw) per-head min-max normalised maps, or (1, gh, gw) for 'rollout'
-    "CLS→patch attention of one image for one layer (all heads), or its rollout."
+def _vit_input(model, x):
+    "Check `model` and one image `x`; return the normalised batch of one on the model's device, and the query."
     check_vit(model)
     if not isinstance(x, Tensor) or x.ndim != 3:
         raise ValueError(f"x: expected one image (3, H, W) in [0, 1], got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     p = next(model.parameters(), None)
     xb = normalize_images(x[None].float()).to(p.device if p is not None else 'cpu')
-    query = 'cls' if getattr(model, 'cls_token', None) is not None else 'mean'
+    return xb, 'cls' if getattr(model, 'cls_token', None) is not None else 'mean'
+
+def vit_attention(
+    model: nn.Module,  # a timm ViT
+    x: Tensor,         # one image (3, H, W) in [0, 1]
+    layer='last',      # block index, 'last', or 'rollout'
+) -> Tensor:           # (heads, gh, gw) per-head min-max normalised maps, or (1, gh, gw) for 'rollout'
+    "CLS→patch attention of one image for one layer (all heads), or its rollout."
+    xb, query = _vit_input(model, x)
     if layer == 'rollout': return attention_map(model, xb, rollout=True, query=query).cpu()
     if layer == 'last': layer = -1
     return _minmax(cls_attention(model, xb, layer, query)[0]).cpu()
@@ -116,6 +120,17 @@ def head_map(
         raise ValueError(f"head: expected 'mean' or a head index in [0, {n - 1}], got {head!r}"
                          + (" (the rollout has a single map: use 'mean')" if n == 1 else ''))
     return attention[head]
+
+# %% ../nbs/13_patch_explorer.ipynb #eb299e62
+def vit_attention_layers(
+    model: nn.Module,  # a timm ViT
+    x: Tensor,         # one image (3, H, W) in [0, 1]
+) -> dict:             # block index -> (heads, gh, gw) per-head min-max maps; 'rollout' -> (1, gh, gw)
+    "`vit_attention` of every layer and of the rollout, from one forward pass."
+    xb, query = _vit_input(model, x)
+    rows, rollout = attention_layers(model, xb, query)
+    maps = _minmax(rows[:, 0]).cpu()                    # (L, heads, gh, gw)
+    return {**{i: maps[i] for i in range(len(maps))}, 'rollout': _minmax(rollout[-1]).cpu()}
 
 # %% ../nbs/13_patch_explorer.ipynb #6d0cd94e
 SPLIT_MODES = ('FAMT weighted', 'random (MAE)', 'AttMask high')
@@ -323,12 +338,12 @@ class PatchMaskExplorer(ExplorerBox):
         return self.images.get(self.image.value)
 
     def attention(self) -> Tensor:
-        "Per-head maps of the current image and layer (cached: the model runs once per image and layer)."
-        key = (self.images.key(self.image.value), self.layer.value)
+        "Per-head maps of the current image and layer (cached: the model runs once per image, for every layer)."
+        key = self.images.key(self.image.value)
         if key not in self._attention:
-            self._attention[key] = vit_attention(self.model, self.current_image(), self.layer.value)
+            self._attention[key] = vit_attention_layers(self.model, self.current_image())
             self.attention_passes += 1
-        return self._attention[key]
+        return self._attention[key][self.layer.value]
 
     def compute(self) -> dict:
         "Panels for the current widget state."

@@ -22,7 +22,7 @@ from .methods import Method, create_method, method_from_checkpoint
 from .trainer import load_checkpoint
 from .models import normalize_images
 from .mfm import mfm_reconstruct, mfm_outputs
-from .attention import check_vit, attention_map, cls_attention, famt_weights
+from .attention import check_vit, attention_map, attention_layers, cls_attention, famt_weights
 from .patch_masks import random_split, mask_throw_keep, split_counts, split_labels, PatchSplit
 from .mae import FAMT, show_split
 
@@ -627,6 +627,13 @@ class AttentionViewer(ImageViewer):
             return self._infos[i]['step'], float(s['entropy'][0]), float(s['overlap'][0])
         return self._cached(('curve', i, self.image.value, self.size), point)
 
+    def layer_attention(self,
+                        x: Tensor,  # images (B, 3, H, W) in [0, 1] (normalised here)
+                       ) -> tuple:  # per-head rows (L, B, heads, gh, gw) and raw rollout (L, B, gh, gw), every layer
+        "Every layer's attention and rollout of the current model, from one forward pass (`attention_layers`)."
+        query = 'cls' if getattr(self.model, 'cls_token', None) is not None else 'mean'
+        return attention_layers(self.model, normalize_images(x), query)
+
     def head_index(self):
         "The head the dropdown shows: an index, or None for the mean of the heads ('mean'; None is accepted too)."
         return None if self.head.value in ('mean', None) else self.head.value
@@ -652,13 +659,10 @@ class AttentionViewer(ImageViewer):
         i = self.step.value if self.paths else None
         if len(self.paths) > 1: self._curve_point(i, x)
         info = self._select(i) if self.paths else None
-        layer, rollout, here = self.layer.value, self.rollout.value, (i, self.image.value, self.size)
-        if rollout:
-            att = self._cached(('rollout', layer) + here, lambda: attention_maps(self.model, x, layer, rollout=True))
-        else:
-            query = 'cls' if getattr(self.model, 'cls_token', None) is not None else 'mean'
-            raw = self._cached(('layer', layer) + here, lambda: cls_attention(self.model, normalize_images(x), layer, query))
-            att = head_map(raw, self.head_index())
+        layer, here = self.layer.value, (i, self.image.value, self.size)
+        rows, rollout = self._cached(('layers',) + here, lambda: self.layer_attention(x))
+        # the rollout as one 'head': min-max per image, as attention_maps(..., rollout=True)
+        att = head_map(rollout[layer][:, None]) if self.rollout.value else head_map(rows[layer], self.head_index())
         att = att[0].cpu()
         split, w = self._famt_at(i, x)
         labels = split_labels(split)

@@ -18,7 +18,7 @@ from folk_nb.patch_masks import (MASKED, THROWN, VISIBLE, attmask_split, mask_th
 from folk_nb import patch_explorer
 from folk_nb.patch_explorer import (SPLIT_MODES, MAX_RATIO_SUM, PatchMaskExplorer, SaliencyExplorer, as_vit,
                                     choose_split, head_map, patch_panels, saliency_of, saliency_panels,
-                                    vit_attention, vit_input_size)
+                                    vit_attention, vit_attention_layers, vit_input_size)
 from folk_nb.saliency import (fill_patches, hard_negative_patch_mask, saliency_patch_mask,
                               spectral_residual_saliency)
 from folk_nb.trainer import CHECKPOINT_FORMAT, atomic_save
@@ -92,6 +92,19 @@ def test_head_mean_and_rollout_equal_attention_map(vit, x64):
     np.testing.assert_allclose(head_map(vit_attention(vit, x64, 'rollout'), 'mean').numpy(),
                                attention_map(vit, xb, rollout=True)[0].numpy(), atol=1e-6)
     with pytest.raises(ValueError, match='rollout has a single map'): head_map(vit_attention(vit, x64, 'rollout'), 1)
+
+
+def test_vit_attention_layers_is_vit_attention_of_every_layer_in_one_pass(x64):
+    m = tiny_vit(depth=3)
+    counter = ForwardCounter(m)
+    try: every = vit_attention_layers(m, x64)
+    finally: counter.remove()
+    assert counter.n == 1 and list(every) == [0, 1, 2, 'rollout']
+    for layer in (0, 1, 2):
+        np.testing.assert_allclose(every[layer].numpy(), vit_attention(m, x64, layer).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(every['rollout'].numpy(), vit_attention(m, x64, 'rollout').numpy())
+    no_cls = vit_attention_layers(tiny_vit(depth=2, class_token=False, global_pool='avg'), x64)   # mean query
+    assert no_cls[1].shape == (3, 8, 8) and no_cls['rollout'].shape == (1, 8, 8)
 
 
 def test_model_without_cls_token_uses_mean_query(x64):
@@ -219,7 +232,7 @@ def test_non_vit_checkpoint_is_a_message(tmp_path):
 
 
 # ---------------------------------------------------------------- the PatchMaskExplorer widget
-def test_controls_change_what_they_should_and_the_model_runs_only_for_new_attention(vit):
+def test_controls_change_what_they_should_and_the_model_runs_only_for_a_new_image(vit):
     counter = ForwardCounter(vit)
     try:
         ex = PatchMaskExplorer(vit, image='coffee')
@@ -240,14 +253,29 @@ def test_controls_change_what_they_should_and_the_model_runs_only_for_new_attent
         ex.mode.value = 'random (MAE)'; ex.mode.value = 'AttMask high'
         assert ex.throw_ratio.disabled and ex.last['thrown'] == 0
         assert counter.n == n0                                         # none of the above ran the model
-        ex.layer.value = 0; assert counter.n == n0 + 1                 # new layer: one forward pass
-        ex.layer.value = 'rollout'; assert counter.n == n0 + 2 and ex.head.disabled
+        ex.layer.value = 0; assert counter.n == n0                     # another layer: cached since the first pass
+        ex.layer.value = 'rollout'; assert counter.n == n0 and ex.head.disabled
         assert 'rollout' in ex.fig.layout.annotations[1].text
-        ex.layer.value = 1; ex.layer.value = 0; assert counter.n == n0 + 2   # both cached
-        ex.image.value = 'astronaut'; assert counter.n == n0 + 3       # new image
+        ex.layer.value = 1; ex.layer.value = 0; assert counter.n == n0
+        ex.image.value = 'astronaut'; assert counter.n == n0 + 1       # new image: one forward pass, every layer
+        ex.layer.value = 'rollout'; ex.layer.value = 1; assert counter.n == n0 + 1
+        ex.image.value = 'coffee'; assert counter.n == n0 + 1          # seen before: cached
         assert ex.attention_passes == counter.n
         assert ex.message.value == ''
     finally: counter.remove()
+
+
+def test_shown_maps_are_vit_attention_of_each_layer_and_the_rollout(x64):
+    m = tiny_vit(depth=3)
+    ex = PatchMaskExplorer(m)
+    x = ex.current_image()
+    for layer in (2, 0, 1, 'rollout', 0):
+        for head in (('mean',) if layer == 'rollout' else ('mean', 1)):
+            ex.layer.value = layer; ex.head.value = head
+            want = head_map(vit_attention(m, x, layer), head).numpy()
+            np.testing.assert_allclose(ex.last['attention'], want, atol=1e-5)
+            np.testing.assert_allclose(np.array(ex.fig.data[3].z, dtype=float), want, atol=1e-5)
+    assert ex.attention_passes == 1
 
 
 def test_drawn_split_and_text_match_the_library(vit):

@@ -392,6 +392,43 @@ def test_attention_viewer_controls_checkpoints_and_errors(tmp_path):
     with pytest.raises(TypeError, match='source must be'): AttentionViewer(42)
 
 
+def test_attention_viewer_reads_every_layer_in_one_pass_per_checkpoint_and_image(tmp_path, monkeypatch):
+    from folk_nb import viewers
+    from folk_nb.attention import cls_attention
+    from folk_nb.models import normalize_images
+    m = tiny('mae', model_kwargs=dict(depth=3, embed_dim=32, num_heads=2))
+    paths = [save_ckpt(m, tmp_path / 'a.pt', step=0)]
+    with torch.no_grad():
+        for p in m.backbone.parameters(): p.add_(0.3 * torch.randn_like(p))
+    paths.append(save_ckpt(m, tmp_path / 'b.pt', step=5))
+    calls, real = [], viewers.attention_layers
+    monkeypatch.setattr(viewers, 'attention_layers', lambda *a, **k: calls.append(1) or real(*a, **k))
+    v = AttentionViewer(paths, image='coffee')
+    assert len(calls) == 1
+    shown = {}
+    for step in (0, 1):
+        v.step.value = step
+        for layer in (2, 0, 1):
+            v.layer.value = layer
+            for head in ('mean', 1):
+                v.head.value = head; shown[step, layer, head] = v.last['attention']
+            v.rollout.value = True; shown[step, layer, 'rollout'] = v.last['attention']; v.rollout.value = False
+    assert len(calls) == 2                                  # one pass per checkpoint, for all its layers and rollouts
+    x = v.current_image()[None]
+    v.image.value = 'brick'; assert len(calls) == 3         # a new image: one pass
+    v.layer.value = 0; v.rollout.value = True; v.step.value = 0; assert len(calls) == 4
+    v.refresh(); assert len(calls) == 5                     # refresh forgets the maps: the redraw runs the pass again
+    for step in (0, 1):                                     # the maps are cls_attention's / attention_maps', layer by layer
+        vit = load_method(paths[step])[0].backbone.model
+        for layer in (0, 1, 2):
+            raw = cls_attention(vit, normalize_images(x), layer)
+            for head in ('mean', 1):
+                np.testing.assert_allclose(shown[step, layer, head], head_map(raw, None if head == 'mean' else head)[0].numpy(),
+                                           atol=1e-5)
+            np.testing.assert_array_equal(shown[step, layer, 'rollout'], attention_maps(vit, x, layer, rollout=True)[0].numpy())
+    assert not np.allclose(shown[0, 2, 'mean'], shown[1, 2, 'mean'])   # the checkpoints differ: the comparison has teeth
+
+
 
 def synced(fig) -> bool:
     "The state a browser view draws first (`_widget_data`) equals the figure's data (numpy arrays compared as lists)."
