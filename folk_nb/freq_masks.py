@@ -50,30 +50,44 @@ def disc_mask(
     return (dist < radius)[None, None]
 
 # %% ../nbs/02_freq_masks.ipynb #c4601ad5
+def _check_radius_fits(r: float, h: int, w: int) -> None:
+    "Raise unless a disc of radius `r` leaves bins on both sides (low-pass and high-pass both non-empty)."
+    r_max = math.hypot(h // 2, w // 2)   # the farthest bin from DC: half the diagonal, in bins
+    if r >= r_max:
+        raise ValueError(f"radius {r:g} bins is too large for a {h}x{w} spectrum: it must be below {r_max:.4g} "
+                         f"(half the diagonal), else the disc covers every frequency, low-pass removes nothing and "
+                         f"high-pass removes everything (the default for this size is {default_mfm_radius(h, w):.3g})")
+
 def _mfm_radii(radius, b: int, h: int, w: int, generator, device):
     "Resolve `radius` (None, number or (min, max) range) into a float or a (B,) tensor of radii."
     if radius is None: return default_mfm_radius(h, w)
     if isinstance(radius, (tuple, list)):
         if len(radius) != 2 or not (0 < radius[0] <= radius[1]):
             raise ValueError(f"radius range must be (r_min, r_max) with 0 < r_min <= r_max, got {radius!r}")
+        _check_radius_fits(float(radius[1]), h, w)
         return radius[0] + (radius[1] - radius[0]) * uniform_per_image(b, generator, device)
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or radius <= 0:
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius > 0:
         raise ValueError(f"radius must be a positive number or an (r_min, r_max) range, got {radius!r}")
+    _check_radius_fits(float(radius), h, w)
     return float(radius)
 
-def mfm_mask(
-    x: Tensor,                 # images (B, C, H, W)
-    radius=None,               # disc radius in bins; None = 16 * min(H, W) / 224; or a (min, max) range sampled per image
-    low_pass_prob: float = 0.5,  # probability that an image gets the low-pass mask (else high-pass)
-    generator=None,            # optional torch.Generator for reproducible draws
-) -> Tensor:                   # bool keep-mask (B, 1, H, W), shifted layout
-    "MFM mask: per image, keep the disc (low-pass) or its complement (high-pass)."
-    check_images(x)
+def _mfm_keep(x: Tensor, radius, low_pass_prob: float, generator) -> Tensor:
+    "MFM keep-mask for an already checked batch (no value check: `mfm_filter` has done it)."
     p = check_probability(low_pass_prob, 'low_pass_prob')
     b, _, h, w = x.shape
     disc = disc_mask(h, w, _mfm_radii(radius, b, h, w, generator, x.device), x.device)
     low_pass = (uniform_per_image(b, generator, x.device) < p).view(b, 1, 1, 1)
     return torch.where(low_pass, disc, ~disc)
+
+def mfm_mask(
+    x: Tensor,                 # images (B, C, H, W) in [0, 1]
+    radius=None,               # disc radius in bins, below half the diagonal; None = 16 * min(H, W) / 224; or a (min, max) range sampled per image
+    low_pass_prob: float = 0.5,  # probability that an image gets the low-pass mask (else high-pass)
+    generator=None,            # optional torch.Generator for reproducible draws
+) -> Tensor:                   # bool keep-mask (B, 1, H, W), shifted layout
+    "MFM mask: per image, keep the disc (low-pass) or its complement (high-pass)."
+    check_images(x, unit_range=True)
+    return _mfm_keep(x, radius, low_pass_prob, generator)
 
 # %% ../nbs/02_freq_masks.ipynb #e2acb29a
 def normalized_amplitude(
@@ -93,16 +107,16 @@ def _check_threshold(threshold, b: int, device) -> Tensor:
 
 # %% ../nbs/02_freq_masks.ipynb #b94aff83
 def com_mask(
-    x: Tensor,   # images (B, C, H, W)
+    x: Tensor,   # images (B, C, H, W) in [0, 1]
     threshold,   # fraction of the per-image maximum amplitude, in (0, 1]: a number or one per image
 ) -> Tensor:     # bool keep-mask (B, 1, H, W): the bins with normalised amplitude >= threshold
     "Com: keep the strong frequencies of each image, as a lossy codec would."
-    check_images(x)
+    check_images(x, unit_range=True)
     t = _check_threshold(threshold, x.shape[0], x.device)
     return normalized_amplitude(amplitude_from_rfft(rfft_image(x), x.shape[-1])) >= t
 
 def rcom_mask(
-    x: Tensor,   # images (B, C, H, W)
+    x: Tensor,   # images (B, C, H, W) in [0, 1]
     threshold,   # fraction of the per-image maximum amplitude, in (0, 1]
 ) -> Tensor:     # bool keep-mask (B, 1, H, W): the bins with normalised amplitude < threshold
     "RCom: remove the strong frequencies, keep the weak ones (the complement of Com)."
@@ -126,25 +140,25 @@ def _check_thresholds(thresholds) -> tuple:
     return thresholds
 
 def folk_mask(
-    x: Tensor,                              # images (B, C, H, W)
+    x: Tensor,                              # images (B, C, H, W) in [0, 1]
     thresholds=(0.005, 0.01, 0.05),         # candidate thresholds, one drawn uniformly per image
     com_prob: float = 0.5,                  # probability of Com (else RCom) per image
     generator=None,                         # optional torch.Generator
 ) -> Tensor:                                # bool keep-mask (B, 1, H, W)
     "FOLK's adaptive mask: per image, Com or RCom at a random threshold."
-    check_images(x)
+    check_images(x, unit_range=True)
     thresholds, p = _check_thresholds(thresholds), check_probability(com_prob, 'com_prob')
     norm_amp = normalized_amplitude(amplitude_from_rfft(rfft_image(x), x.shape[-1]))
     return _folk_keep(norm_amp, thresholds, p, generator)
 
 # %% ../nbs/02_freq_masks.ipynb #aca658ec
 def ratio_mask(
-    x: Tensor,              # images (B, C, H, W)
+    x: Tensor,              # images (B, C, H, W) in [0, 1]
     ratio: float,           # fraction of bins to remove, in [0, 1]
     strongest: bool = True, # remove the strongest bins (else the weakest)
 ) -> Tensor:                # bool keep-mask (B, 1, H, W) with exactly round(ratio * H * W) bins removed per image
     "Remove exactly a fraction `ratio` of each image's bins, ranked by amplitude."
-    check_images(x)
+    check_images(x, unit_range=True)
     ratio = check_probability(ratio, 'ratio')
     b, _, h, w = x.shape
     amp = amplitude_from_rfft(rfft_image(x), w).view(b, h * w)
@@ -177,5 +191,5 @@ def mfm_filter(
 ) -> tuple:                      # (filtered images like x, bool keep-mask (B, 1, H, W))
     "MFM mask and filtered images."
     check_images(x, unit_range=True)
-    keep = mfm_mask(x, radius, low_pass_prob, generator)
+    keep = _mfm_keep(x, radius, low_pass_prob, generator)
     return filter_rfft(rfft_image(x), keep, *x.shape[-2:]).clamp_(0, 1).to(x.dtype), keep

@@ -78,7 +78,7 @@ def _timm_attr(model, name, default):
 def cnn_saliency(
     model: nn.Module,        # frozen CNN with `forward_features` (timm model, folk_nb CNNBackbone, momentum encoder)
     x: Tensor,               # images (B, C, H, W) in [0, 1]
-    normalize: bool = True,  # mean/std-normalise `x` first (CNNs are trained on normalised images)
+    normalize: bool = True,  # mean/std-normalise `x` first (CNNs are trained on normalised images); False: x is used as given (any finite range)
     mean: tuple = None,      # channel means; None = the timm model's pretrained_cfg mean (ImageNet by default)
     std: tuple = None,       # channel stds; None = the timm model's pretrained_cfg std (ImageNet by default)
 ) -> Tensor:                 # saliency (B, 1, h, w) float32 at the feature-map resolution (7x7 for a ResNet at 224)
@@ -87,7 +87,11 @@ def cnn_saliency(
         raise TypeError(f"model must be a torch.nn.Module (a timm CNN), got {type(model).__name__}")
     if not callable(getattr(model, 'forward_features', None)):
         raise TypeError(f"model must have a forward_features method (timm models do); {type(model).__name__} has none")
-    check_images(x, 'x', channels=None)
+    check_images(x, 'x', channels=None, unit_range=normalize, finite=True)   # normalize=False: x may be normalised already
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and conv.in_channels != x.shape[1]:
+        raise ValueError(f"model expects {conv.in_channels}-channel images but x has {x.shape[1]} channels "
+                         f"(shape {tuple(x.shape)}); pass images with {conv.in_channels} channels")
     p = next(model.parameters(), None)
     inp = x.to(p.dtype) if p is not None and p.dtype.is_floating_point else x
     if normalize:
@@ -120,7 +124,7 @@ def spectral_residual_saliency(
     eps: float = 1e-8,  # added to |F| before the log
 ) -> Tensor:            # saliency (B, 1, H, W) float32 in [0, 1]
     "Hou & Zhang's spectral-residual saliency, batched."
-    check_images(x, 'x', channels=(1, 3))
+    check_images(x, 'x', channels=(1, 3), unit_range=True)
     if not isinstance(size, int) or size < 3:
         raise ValueError(f"size must be an int >= 3 (working resolution in pixels), got {size!r}")
     B, C, H, W = x.shape
@@ -322,7 +326,7 @@ def fill_patches(
     noise_std: float = 0.05,  # std of the Gaussian noise of the highpass fill
 ) -> Tensor:              # images with the masked patches filled, same shape and dtype as `x`
     "Replace the masked patches of `x` by the chosen fill."
-    check_images(x, 'x', channels=(1, 3))
+    check_images(x, 'x', channels=(1, 3), unit_range=True)
     _check_generator(generator, x.device)
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {', '.join(map(repr, FILLS))}, got {fill!r}")

@@ -18,6 +18,7 @@ def check_images(
     name: str = 'x',            # argument name used in the error messages
     channels: tuple = (1, 3),   # allowed channel counts (None: any)
     unit_range: bool = False,   # also require values in [0, 1] (costs one reduction)
+    finite: bool = False,       # also require finite values, any range (costs one reduction; implied by unit_range)
 ) -> None:
     "Raise a clear `TypeError`/`ValueError` unless `x` is a float image batch (B, C, H, W)."
     if not isinstance(x, Tensor): raise TypeError(f"{name} must be a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
@@ -31,13 +32,15 @@ def check_images(
         if not bool((lo >= -1e-3) & (hi <= 1 + 1e-3)):  # one sync; NaN fails too
             raise ValueError(f"{name} must hold un-normalised images in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]; "
                              "mask and filter before mean/std normalisation")
+    elif finite and value_checks_enabled() and not bool(torch.isfinite(x.detach()).all()):  # one sync
+        raise ValueError(f"{name} must hold finite values, found NaN or inf")
 
 # %% ../nbs/01_spectrum.ipynb #a91a3faa
 def fft_image(
-    x: Tensor,  # images (B, C, H, W)
+    x: Tensor,  # images (B, C, H, W), finite (any range: differences of images too)
 ) -> Tensor:    # complex64 spectrum (B, C, H, W), fftshift layout (DC at H//2, W//2)
     "Shifted 2-D spectrum of each channel, computed in float32."
-    check_images(x, channels=None)
+    check_images(x, channels=None, finite=True)
     return torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))
 
 # %% ../nbs/01_spectrum.ipynb #78f43ace
@@ -84,10 +87,10 @@ def amplitude_from_rfft(
     return torch.fft.fftshift(mirror_half_spectrum(half.abs().mean(1, keepdim=True), w), dim=(-2, -1))
 
 def amplitude(
-    x: Tensor,  # images (B, C, H, W)
+    x: Tensor,  # images (B, C, H, W), finite (any range: differences of images too)
 ) -> Tensor:    # (B, 1, H, W) float32 channel-mean |F|, shifted layout
     "Channel-mean amplitude spectrum |fftshift(fft2(x))|."
-    check_images(x)
+    check_images(x, finite=True)
     return amplitude_from_rfft(rfft_image(x), x.shape[-1])
 
 # %% ../nbs/01_spectrum.ipynb #1b8d2b78

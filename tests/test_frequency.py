@@ -276,3 +276,66 @@ def test_bad_input_gives_clear_error(call, exc, text):
     with pytest.raises(exc, match=None) as info:
         call()
     assert text in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------- value checks on the images (NaN, inf, 0..255)
+def bad_images():
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    return x, {'nan': torch.full_like(x, float('nan')), 'inf': x.clone().index_fill_(3, torch.tensor([0]), float('inf')),
+               '255': x * 255}
+
+UNIT_RANGE_FNS = {
+    'mfm_mask': lambda x: mfm_mask(x, low_pass_prob=1.0), 'com_mask': lambda x: com_mask(x, 0.01),
+    'rcom_mask': lambda x: rcom_mask(x, 0.01), 'ratio_mask': lambda x: ratio_mask(x, 0.5),
+    'folk_mask': lambda x: folk_mask(x, generator=torch.Generator().manual_seed(0)),
+}
+
+
+@pytest.mark.parametrize('name', list(UNIT_RANGE_FNS))
+@pytest.mark.parametrize('bad', ['nan', 'inf', '255'])
+def test_masks_refuse_images_outside_the_unit_range(name, bad):
+    x, bads = bad_images()
+    with pytest.raises(ValueError, match=r'x must hold un-normalised images in \[0, 1\]'):
+        UNIT_RANGE_FNS[name](bads[bad])
+    from folk_nb.checks import value_checks
+    with value_checks(False):                      # the gate the trainer uses after its first step: no check
+        UNIT_RANGE_FNS[name](bads[bad])
+
+
+@pytest.mark.parametrize('name', list(UNIT_RANGE_FNS))
+def test_masks_of_valid_images_are_unchanged_by_the_check(name):
+    from folk_nb.checks import value_checks
+    x, _ = bad_images()
+    with value_checks(False): want = UNIT_RANGE_FNS[name](x)
+    assert torch.equal(UNIT_RANGE_FNS[name](x), want)
+
+
+@pytest.mark.parametrize('fn', [amplitude, fft_image], ids=['amplitude', 'fft_image'])
+def test_spectra_refuse_nan_and_inf_but_take_any_finite_range(fn):
+    x, bads = bad_images()
+    for bad in ('nan', 'inf'):
+        with pytest.raises(ValueError, match='x must hold finite values, found NaN or inf'):
+            fn(bads[bad])
+    d = x - x.flip(0)                                # a difference of images (negative values): legitimate
+    torch.testing.assert_close(fn(bads['255']), fn(x) * 255, rtol=1e-4, atol=1e-3)
+    assert torch.isfinite(torch.view_as_real(fn(d)) if fn(d).is_complex() else fn(d)).all()
+
+
+def test_mfm_filter_checks_the_range_with_one_sync():
+    from folk_nb.checks import host_syncs
+    x, _ = bad_images()
+    assert sum(host_syncs(lambda: mfm_filter(x)).values()) == sum(host_syncs(lambda: check_images(x, unit_range=True)).values())
+
+
+@pytest.mark.parametrize('h,w', [(32, 32), (33, 47), (8, 8)])
+def test_mfm_radius_that_covers_the_whole_spectrum_is_refused(h, w):
+    x = torch.rand(1, 3, h, w)
+    r_max = float(np.hypot(h // 2, w // 2))         # the corner bin: half the diagonal
+    for radius in (r_max, r_max + 1, 1000, (1.0, r_max)):
+        with pytest.raises(ValueError, match=f'too large for a {h}x{w} spectrum'):
+            mfm_mask(x, radius=radius)
+        with pytest.raises(ValueError, match='too large'):
+            mfm_filter(x, radius=radius)
+    r = r_max - 0.01                                 # just inside: both bands non-empty
+    low, high = mfm_mask(x, radius=r, low_pass_prob=1.0), mfm_mask(x, radius=r, low_pass_prob=0.0)
+    assert 0 < low.sum() < h * w and 0 < high.sum() < h * w

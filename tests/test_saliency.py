@@ -540,3 +540,48 @@ def test_cuda_matches_cpu():
     q = saliency_patch_mask(fg, generator=gen(30, 'cuda'))
     y = fill_patches(x.cuda(), q, (8, 8), 'highpass', generator=gen(31, 'cuda'))
     assert q.is_cuda and y.is_cuda
+
+
+# ---------------------------------------------------------------- value checks on the images (NaN, inf, 0..255)
+def _bad(x, kind):
+    return {'nan': torch.full_like(x, float('nan')), 'inf': x.clone().index_fill_(3, torch.tensor([0]), float('inf')),
+            '255': x * 255}[kind]
+
+SAL_FNS = {
+    'spectral_residual_saliency': lambda x: spectral_residual_saliency(x),
+    'fill_patches': lambda x: fill_patches(x, torch.ones(len(x), 16, dtype=torch.bool), (4, 4), 'mean'),
+    'cnn_saliency': lambda x, net=TinyCNN().eval(): cnn_saliency(net, x),   # one fixed network
+}
+
+
+@pytest.mark.parametrize('name', list(SAL_FNS))
+@pytest.mark.parametrize('kind', ['nan', 'inf', '255'])
+def test_saliency_refuses_images_outside_the_unit_range(name, kind):
+    x = torch.rand(2, 3, 16, 16, generator=gen(40))
+    with pytest.raises(ValueError, match=r'x must hold un-normalised images in \[0, 1\]'):
+        SAL_FNS[name](_bad(x, kind))
+
+
+@pytest.mark.parametrize('name', list(SAL_FNS))
+def test_saliency_of_valid_images_is_unchanged_by_the_check(name):
+    from folk_nb.checks import value_checks
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=gen(41))
+    with value_checks(False): want = SAL_FNS[name](x)
+    torch.testing.assert_close(SAL_FNS[name](x), want)
+
+
+def test_cnn_saliency_unnormalised_input_needs_only_finite_values():
+    x = torch.randn(2, 3, 8, 8, generator=gen(42)) * 3           # already normalised by the caller
+    cnn_saliency(TinyCNN().eval(), x, normalize=False)
+    with pytest.raises(ValueError, match='finite'):
+        cnn_saliency(TinyCNN().eval(), _bad(x, 'nan'), normalize=False)
+
+
+def test_cnn_saliency_names_a_channel_mismatch():
+    import timm
+    net = timm.create_model('resnet18', pretrained=False, num_classes=0)
+    with pytest.raises(ValueError, match=r'model expects 3-channel images but x has 1 channels \(shape \(2, 1, 32, 32\)\)'):
+        cnn_saliency(net, torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match='model expects 3-channel images but x has 1'):
+        cnn_saliency(TinyCNN(), torch.rand(2, 1, 8, 8), mean=(0.5,), std=(0.2,))
