@@ -697,6 +697,23 @@ def _run_facts(checkpoint: Path) -> dict:
         facts['gpu_minutes'] = seconds * int(config.get('world_size', 1)) / 60
     return facts
 
+def _test_is_train(data: str, split_train: str, split_test: str):
+    "Where the test split resolves to the very images of the train split, a short description of why; else None."
+    from folk_nb.data import _split_folder
+    if split_train == split_test: return f"--split-train and --split-test are both {split_train!r}"
+    if data == 'samples': return "'samples' has no test split"
+    if data == 'cifar10': return None
+    root = Path(data).expanduser()
+    a, b = _split_folder(root, split_train).resolve(), _split_folder(root, split_test).resolve()
+    return f"{root} has no {split_train}/ and {split_test}/ subfolders" if a == b else None
+
+def _method_config(method: str, config) -> dict:
+    "The keyword arguments of an untrained `method`: `config`, with pre-training's default model when it names none."
+    if not isinstance(config, dict): raise ValueError(f"--method-config must be a JSON object, got {config!r}")
+    if 'model' in config: return config
+    from folk_nb.cli import DEFAULT_MODEL        # lazily: the CLI module imports the trainer
+    return {**config, 'model': DEFAULT_MODEL[method]} if method in DEFAULT_MODEL else config
+
 def _subset(data: dict, n: int | None, seed: int = 0) -> dict:
     if n is None or n >= len(data['images']): return data
     idx = torch.randperm(len(data['images']), generator=torch.Generator().manual_seed(seed))[:n].sort().values
@@ -709,8 +726,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument('--checkpoint', help='trainer checkpoint, e.g. runs/mfm/checkpoints/last.pt')
     src.add_argument('--random-init', metavar='METHOD', help='evaluate an untrained METHOD (random weights, seeded by the '
                      'first --seeds value) instead: the baseline any pre-training must beat')
-    p.add_argument('--method-config', type=json.loads, default={}, help="with --random-init: the method's keyword "
-                   'arguments as JSON, e.g. \'{"model": "resnet18", "img_size": 32, "cifar_stem": true}\'')
+    p.add_argument('--method-config', type=json.loads, default=None, help="with --random-init: the method's keyword "
+                   'arguments as JSON, e.g. \'{"model": "resnet18", "img_size": 32, "cifar_stem": true}\' '
+                   "(without \"model\": pre-training's default model of the method)")
     p.add_argument('--data', default='cifar10', help="'samples', 'cifar10', or an image folder (root/<split>/<class>/<image>)")
     p.add_argument('--protocol', choices=PROTOCOLS, default='knn')
     p.add_argument('--split-train', default='train'); p.add_argument('--split-test', default='test')
@@ -741,6 +759,11 @@ def evaluate(
     "Evaluate a checkpoint with one protocol as `folk_nb_eval` does: print the accuracy, write the record(s), return them."
     from folk_nb.data import dataset_tensors
     args = _parser().parse_args(argv)
+    if args.checkpoint and args.method_config is not None:
+        raise ValueError("--method-config only applies with --random-init (a checkpoint carries its own method config)")
+    for name in ('max_train', 'max_test'):
+        n = getattr(args, name)
+        if n is not None and n < 1: raise ValueError(f"--{name.replace('_', '-')} must be at least 1 image, got {n}")
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if args.checkpoint:
         ckpt = Path(args.checkpoint)
@@ -748,23 +771,26 @@ def evaluate(
         info, facts = method.checkpoint_info, _run_facts(ckpt)
     else:
         from folk_nb.methods import create_method
-        if not isinstance(args.method_config, dict): raise ValueError(f"--method-config must be a JSON object, got {args.method_config!r}")
+        config = _method_config(args.random_init, {} if args.method_config is None else args.method_config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seeds[0])
-            method = create_method(args.random_init, **args.method_config).to(device).eval()
+            method = create_method(args.random_init, **config).to(device).eval()
         ckpt, info, facts = None, dict(epochs_done=0, step=0), dict(img_per_s=None, gpu_minutes=None, train_device=None)
     cfg = method.config
     size = args.image_size or method.backbone.img_size[0]
     load_size = None if (args.data == 'cifar10' and size == 32) else size
     train = _subset(dataset_tensors(args.data, args.split_train, args.root, load_size), args.max_train, 1)
     test = _subset(dataset_tensors(args.data, args.split_test, args.root, load_size), args.max_test, 2)
+    same = _test_is_train(str(args.data), args.split_train, args.split_test)
+    if same: print(f"folk_nb_eval: warning: the test images are the training images ({same}); "
+                   "the accuracy below is not a held-out test accuracy", file=sys.stderr)
     fn = feature_fn(method, args.pool)
     base = dict(method=method.name, model=cfg.get('model', getattr(method.backbone, 'name', '')), data=args.data,
                 epochs=info.get('epochs_done'), steps=info.get('step'), gpu_minutes=facts['gpu_minutes'],
                 img_per_s=facts['img_per_s'], train_device=facts['train_device'], device=describe_device(device),
                 command=shlex.join(['folk_nb_eval'] + list(sys.argv[1:] if argv is None else argv)),
                 checkpoint=str(ckpt) if ckpt else None, random_init=ckpt is None, method_config=cfg, image_size=size, pool=args.pool, split_train=args.split_train,
-                split_test=args.split_test, max_train=args.max_train, max_test=args.max_test)
+                split_test=args.split_test, max_train=args.max_train, max_test=args.max_test, test_is_train=bool(same))
     records = []
     t0 = time.perf_counter()
     if args.protocol == 'robustness':
@@ -780,9 +806,11 @@ def evaluate(
         fte, yte = extract_features(fn, test, device, args.batch_size, args.amp)
         counts = dict(n_train=len(ftr), n_test=len(fte), feature_dim=ftr.shape[1])
         if args.protocol == 'knn':
-            acc = knn_accuracy(ftr, ytr, fte, yte, args.k, args.temperature, device=device)
-            records.append(dict(base, protocol='knn', metric='top1', value=acc, k=args.k, temperature=args.temperature, **counts))
-            print(f"kNN (k={args.k}, T={args.temperature}) top-1: {acc:.4f}")
+            k = min(args.k, len(ftr))
+            if k < args.k: print(f"note: --k {args.k} is more than the {len(ftr)} training images; using k={k}")
+            acc = knn_accuracy(ftr, ytr, fte, yte, k, args.temperature, device=device)
+            records.append(dict(base, protocol='knn', metric='top1', value=acc, k=k, temperature=args.temperature, **counts))
+            print(f"kNN (k={k}, T={args.temperature}) top-1: {acc:.4f}")
         elif args.protocol == 'linear':
             r = linear_probe(ftr, ytr, fte, yte, args.epochs, args.lr, args.wd, args.seeds[0], device=device,
                              min_steps=args.min_steps)

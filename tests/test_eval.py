@@ -23,6 +23,7 @@ from folk_nb.eval import (POOLS, FeaturePool, feature_fn, extract_features, knn_
 from folk_nb.models import create_backbone, normalize_images
 from folk_nb.methods import Method, METHODS, create_method
 from folk_nb.images import sample_images
+from folk_nb.data import dataset_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=1, embed_dim=32, num_heads=2)
@@ -427,7 +428,9 @@ def test_cli_end_to_end_on_a_trainer_checkpoint(tmp_path, tiny_registered, capsy
     assert main(common + ['--protocol', 'fewshot', '--fractions', '0.5', '--seeds', '0', '1']) == 0
     assert main(common + ['--protocol', 'robustness', '--kinds', 'contrast', '--severities', '1', '5']) == 0
     text = capsys.readouterr().out
-    assert 'kNN (k=200, T=0.1) top-1: 1.0000' in text and 'linear probe top-1' in text and 'clean top-1' in text
+    n = len(dataset_tensors('samples', size=32)['images'])    # fewer than --k 200
+    assert f'kNN (k={n}, T=0.1) top-1: 1.0000' in text and 'linear probe top-1' in text and 'clean top-1' in text
+    assert f'using k={n}' in text
     recs = {r['protocol']: r for r in read_results(out)}
     assert sorted(recs) == ['fewshot', 'knn', 'linear', 'robustness'] and len(list(out.iterdir())) == 4
     for r in recs.values():
@@ -438,6 +441,7 @@ def test_cli_end_to_end_on_a_trainer_checkpoint(tmp_path, tiny_registered, capsy
         assert r['command'].startswith('folk_nb_eval --checkpoint')
         assert 0 <= r['value'] <= 1
     assert recs['knn']['value'] == 1.0                        # samples: train = test, one picture per class
+    assert all(r['test_is_train'] is True for r in recs.values()) and recs['knn']['k'] == recs['knn']['n_train'] == n
     assert recs['linear']['pool'] == 'mean' and recs['knn']['pool'] == 'default'
     assert recs['fewshot']['label_fraction'] == 0.5 and len(recs['fewshot']['per_seed']) == 2
     assert set(recs['robustness']['top1']['contrast']) == {'1', '5'}
@@ -498,11 +502,13 @@ def test_main_is_evaluate_with_an_exit_status(tmp_path, tiny_registered, capsys)
     with pytest.raises(SystemExit) as e:
         main(['--data', 'samples'])                           # no source
     assert e.value.code == 2 and 'one of the arguments --checkpoint --random-init is required' in capsys.readouterr().err
-    # errors of the evaluation itself propagate with their messages
-    with pytest.raises(FileNotFoundError, match='checkpoint not found'):
-        main(['--checkpoint', str(tmp_path / 'absent.pt'), '--data', 'samples', '--out', str(out)])
-    with pytest.raises(ValueError, match='--method-config must be a JSON object'):
-        main(['--random-init', 'tiny_eval_test', '--method-config', '[1]', '--data', 'samples', '--out', str(out)])
+    # errors of the evaluation itself: one line on stderr, exit status 2
+    for argv, text in ((['--checkpoint', str(tmp_path / 'absent.pt')], 'checkpoint not found'),
+                       (['--random-init', 'tiny_eval_test', '--method-config', '[1]'], '--method-config must be a JSON object')):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ['--data', 'samples', '--out', str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith('folk_nb_eval: error: ') and text in err and err.count('\n') == 1
     assert len(read_results(out)) == 1
 
 
@@ -657,3 +663,75 @@ def test_epochs_done_counts_loader_passes_also_for_time_budgeted_runs():
     assert _epochs_done(old_budgeted) == 23                       # no loader length saved: whole epochs done
     old_epochs = dict(step=30, total_steps=60, epoch=1, train_config=dict(epochs=4, max_steps=None))
     assert _epochs_done(old_epochs) == 2.0                        # the schedule spanned exactly 4 epochs
+
+
+# ------------------------------------------------------------------------------------------------ CLI option checks
+def _folder(root, names, size=8):
+    "An image folder root/<name>/<class>/<image>.png (or root/<class>/... for name '') of random pictures."
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for name in names:
+        for c in ('a', 'b'):
+            d = root / name / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(3): Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f'{i}.png')
+    return root
+
+
+@pytest.mark.parametrize('layout,same', [(['train', 'test'], False), ([''], True)])
+def test_test_split_equal_to_train_is_flagged(tmp_path, tiny_registered, capsys, layout, same):
+    data = _folder(tmp_path / 'imgs', layout)
+    (r,) = evaluate(['--random-init', 'tiny_eval_test', '--data', str(data), '--device', 'cpu', '--no-write'])
+    err = capsys.readouterr().err
+    assert r['test_is_train'] is same
+    assert ('warning: the test images are the training images' in err) is same
+    if same: assert 'has no train/ and test/ subfolders' in err and len(err.strip().splitlines()) == 1
+
+
+def test_samples_and_equal_split_names_are_flagged(tmp_path, tiny_registered, capsys):
+    (r,) = evaluate(['--random-init', 'tiny_eval_test', '--data', 'samples', '--device', 'cpu', '--no-write'])
+    assert r['test_is_train'] is True and "'samples' has no test split" in capsys.readouterr().err
+    data = _folder(tmp_path / 'imgs', ['train', 'test'])
+    (r,) = evaluate(['--random-init', 'tiny_eval_test', '--data', str(data), '--device', 'cpu', '--no-write',
+                     '--split-test', 'train'])
+    assert r['test_is_train'] is True and "both 'train'" in capsys.readouterr().err
+
+
+def test_method_config_with_a_checkpoint_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(['--checkpoint', str(tmp_path / 'x.pt'), '--method-config', '{"img_size": 32}', '--data', 'samples'])
+    assert e.value.code == 2 and '--method-config only applies with --random-init' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('opt', ['--max-train', '--max-test'])
+@pytest.mark.parametrize('n', ['0', '-3'])
+def test_max_train_and_test_must_be_positive(tiny_registered, capsys, opt, n):
+    with pytest.raises(SystemExit) as e:
+        main(['--random-init', 'tiny_eval_test', '--data', 'samples', '--device', 'cpu', '--no-write', opt, n])
+    assert e.value.code == 2 and f'{opt} must be at least 1 image, got {n}' in capsys.readouterr().err
+
+
+def test_k_is_capped_at_the_training_set_and_recorded(tiny_registered, capsys):
+    args = ['--random-init', 'tiny_eval_test', '--data', 'samples', '--device', 'cpu', '--no-write']
+    (big,) = evaluate(args + ['--k', '100000'])
+    out = capsys.readouterr().out
+    n = len(dataset_tensors('samples', size=32)['images'])
+    assert big['k'] == big['n_train'] == n and f'note: --k 100000 is more than the {n} training images; using k={n}' in out
+    (small,) = evaluate(args + ['--k', '3'])
+    assert small['k'] == 3 and 'note:' not in capsys.readouterr().out
+
+
+def test_random_init_without_a_model_uses_the_pretraining_default(monkeypatch):
+    from folk_nb import eval as ev
+    from folk_nb.cli import DEFAULT_MODEL
+    assert ev._method_config('mae', {'img_size': 32}) == {'img_size': 32, 'model': DEFAULT_MODEL['mae']}
+    assert ev._method_config('mae', {'model': 'resnet18'}) == {'model': 'resnet18'}
+    assert ev._method_config('tiny_eval_test', {}) == {}          # unknown to the CLI: the method's own default
+    seen = {}
+    import folk_nb.methods as methods
+    def fake_create(name, **kw):
+        seen.update(kw); raise ValueError('stop here')
+    monkeypatch.setattr(methods, 'create_method', fake_create)
+    with pytest.raises(ValueError, match='stop here'):
+        evaluate(['--random-init', 'mae', '--method-config', '{"img_size": 32}', '--data', 'samples', '--device', 'cpu'])
+    assert seen == {'img_size': 32, 'model': DEFAULT_MODEL['mae']}
