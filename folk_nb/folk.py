@@ -122,7 +122,7 @@ class FOLK(Method):
                  momentum_end: float = 1.0,      # teacher EMA momentum at the end
                 ):
         if mask not in MASKS: raise ValueError(f"mask must be one of {', '.join(map(repr, MASKS))}, got {mask!r}")
-        thresholds, radius = _check_thresholds(thresholds), check_radius(radius)
+        thresholds, radius = _check_thresholds(thresholds), check_radius(radius, img_size)
         if thresholds_size is not None: thresholds_size = _check_positive(thresholds_size, 'thresholds_size', int)
         com_prob = check_probability(com_prob, 'com_prob')
         if low_pass_prob is not None: low_pass_prob = check_probability(low_pass_prob, 'low_pass_prob')

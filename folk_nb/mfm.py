@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from .methods import Method
-from .freq_masks import mfm_filter, check_probability
+from .freq_masks import mfm_filter, check_probability, _check_radius_fits
 from .freq_loss import frequency_loss
 from .models import Backbone, MFMHead, create_backbone, normalize_images, denormalize_images
 from .spectrum import rfft_image, filter_rfft
@@ -30,17 +30,22 @@ def default_low_pass_prob(
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 def check_radius(
-    radius,  # None, a positive number of bins, or an (r_min, r_max) range with 0 < r_min <= r_max
-):           # None, a float, or [r_min, r_max] as floats (JSON-friendly)
+    radius,          # None, a positive number of bins, or an (r_min, r_max) range with 0 < r_min <= r_max
+    img_size=None,   # the image side (int or (H, W)); given: the disc must leave frequencies on both sides
+):                   # None, a float, or [r_min, r_max] as floats (JSON-friendly)
     "Check an MFM disc radius and return it in canonical form."
     if radius is None: return None
     if isinstance(radius, (tuple, list)):
         if len(radius) != 2 or not all(_is_number(r) for r in radius) or not 0 < radius[0] <= radius[1]:
             raise ValueError(f"radius range must be (r_min, r_max) with 0 < r_min <= r_max, got {radius!r}")
-        return [float(radius[0]), float(radius[1])]
-    if not _is_number(radius) or not radius > 0:
+        radius = [float(radius[0]), float(radius[1])]
+    elif not _is_number(radius) or not radius > 0:
         raise ValueError(f"radius must be None (16 bins at 224 px, scaled), a positive number or an (r_min, r_max) range, got {radius!r}")
-    return float(radius)
+    else: radius = float(radius)
+    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size) if isinstance(img_size, (tuple, list)) else ()
+    if len(hw) == 2 and all(isinstance(v, int) and v > 0 for v in hw):   # a bad size is reported by create_backbone
+        _check_radius_fits(radius[1] if isinstance(radius, list) else radius, *hw)
+    return radius
 
 # %% ../nbs/31_mfm.ipynb #fc176c87
 def check_nonnegative(
@@ -160,7 +165,7 @@ class MFM(Method):
                  low_pass_prob: float | None = None,  # probability of the low-pass mask; None: 0.5 for ViTs, 0.3 for CNNs
                  gamma: float = 0.0,           # focal exponent of the frequency loss (0 = off, as released)
                 ):
-        radius, gamma = check_radius(radius), check_nonnegative(gamma, 'gamma')
+        radius, gamma = check_radius(radius, img_size), check_nonnegative(gamma, 'gamma')
         if low_pass_prob is not None: low_pass_prob = check_probability(low_pass_prob, 'low_pass_prob')
         super().__init__(model=model, img_size=img_size, patch_size=patch_size, cifar_stem=cifar_stem,
                          model_kwargs=model_kwargs, radius=radius, low_pass_prob=low_pass_prob, gamma=gamma)
