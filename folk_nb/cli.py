@@ -4,14 +4,15 @@
 
 # %% ../nbs/41_cli.ipynb #4525f295
 from __future__ import annotations
-import argparse, inspect, json, os, sys, time
+import argparse, inspect, json, math, os, shutil, sys, time
 from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['METHOD_NAMES', 'DEFAULT_MODEL', 'build_parser', 'load_config_file', 'parse_args', 'resolve_defaults', 'build_method',
-           'build_loader', 'run_pretrain', 'main', 'pretrain_command', 'method_batch', 'loss_curves',
-           'reconstruction_figure', 'training_report', 'demo_main', 'demo_command']
+__all__ = ['METHOD_NAMES', 'DEFAULT_MODEL', 'RESUME_SAME_ARGS', 'build_parser', 'load_config_file', 'check_device', 'parse_args',
+           'resolve_defaults', 'build_method', 'build_loader', 'check_resume_args', 'run_pretrain', 'main',
+           'exit_status', 'pretrain_command', 'method_batch', 'loss_curves', 'reconstruction_figure', 'training_report',
+           'demo_main', 'demo_command']
 
 # %% ../nbs/41_cli.ipynb #b93f0779
 METHOD_NAMES = ('folk', 'mfm', 'famt', 'saliency_moco', 'mae', 'moco')
@@ -24,9 +25,16 @@ def _json_dict(s: str) -> dict:
     if not isinstance(d, dict): raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"depth\": 4}}', got {s!r}")
     return d
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    "Show `(default: ...)` once: not for options without a default, nor when the help text already states it."
+    def _get_help_string(self, action):
+        h = action.help or ''
+        if action.default is None or 'default' in h: return h
+        return super()._get_help_string(action)
+
 def build_parser() -> argparse.ArgumentParser:
     "The `folk_nb_pretrain` argument parser."
-    p = argparse.ArgumentParser(prog='folk_nb_pretrain', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog='folk_nb_pretrain', formatter_class=_HelpFormatter,
         description='Pre-train a folk_nb method (FOLK, MFM, FAMT, saliency-guided MoCo, MAE, MoCo v2). '
                     'Options may also come from a JSON/TOML file given with --config; command-line flags win.')
     p.add_argument('--config', help='JSON or TOML file of options (keys as the long option names, e.g. batch_size)')
@@ -47,19 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--epoch-size', type=int, help='samples per epoch for in-memory data (default: the dataset size; samples: 512)')
     g.add_argument('--num-workers', type=int, default=4, help='loader processes for folder data')
     g = p.add_argument_group('schedule')
-    g.add_argument('--epochs', type=int, default=1)
+    g.add_argument('--epochs', type=int, default=1, help='passes over the data (the schedule length unless --max-steps is set)')
     g.add_argument('--max-steps', type=int, help='stop after this many steps (also the schedule length)')
     g.add_argument('--time-budget', type=float, metavar='MINUTES', help='training-time budget: the schedule is sized to '
                    'the steps that fit (timed on 20 calibration steps), the schedules run on the clock and the run '
                    'ends when the budget is spent; --epochs / --max-steps still cap it')
     g.add_argument('--batch-size', type=int, default=64, help='images per step per process')
     g.add_argument('--lr', type=float, help='absolute peak learning rate (default: base-lr * global batch / 512)')
-    g.add_argument('--base-lr', type=float, default=1.5e-4)
-    g.add_argument('--min-lr', type=float, default=0.0)
-    g.add_argument('--warmup-steps', type=int, help='default: 5%% of the schedule')
-    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--base-lr', type=float, default=1.5e-4, help='peak learning rate per 512 images of global batch (used without --lr)')
+    g.add_argument('--min-lr', type=float, default=0.0, help='floor of the cosine decay (at most the peak learning rate)')
+    g.add_argument('--warmup-steps', type=int, help='linear warm-up steps (default: 5%% of the schedule)')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='decoupled weight decay (>= 0; not on biases and norms)')
     g.add_argument('--optimizer', choices=('adamw', 'sgd'), default='adamw', help="AdamW (ViT recipes) or SGD with momentum 0.9 (MoCo / ResNet recipes)")
-    g.add_argument('--clip-grad', type=float, default=3.0)
+    g.add_argument('--clip-grad', type=float, default=3.0, help='max gradient norm (0: no clipping)')
     g = p.add_argument_group('run')
     g.add_argument('--out', help='output folder (default: runs/<method>-<model>-<data>)')
     g.add_argument('--resume', action='store_true', help='continue from <out>/checkpoints/last.pt')
@@ -68,13 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
                    help="torch.compile the step; optional MODE: 'max-autotune', 'reduce-overhead' (CUDA graphs), ...")
     g.add_argument('--device', help='cpu, cuda, cuda:1 ... (default: cuda if available; LOCAL_RANK under torchrun)')
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--deterministic', action='store_true')
+    g.add_argument('--seed', type=int, default=0, help='random seed (model initialisation, data order, masks)')
+    g.add_argument('--deterministic', action='store_true', help='deterministic algorithms only (slower; exact reproducibility)')
     g.add_argument('--value-checks', choices=('first', 'always'), default='first',
                    help="check input values (images in [0, 1], indices in range; a GPU sync each) on the first step of "
                         "each run / resume only, or on every step")
     g.add_argument('--knn-every', type=int, default=0, help='epochs between kNN evaluations on the test split (0: off)')
-    g.add_argument('--log-every', type=int, default=10)
+    g.add_argument('--log-every', type=int, default=10, help='steps between rows of log.csv')
     g.add_argument('--ckpt-every', type=int, help='steps between checkpoints (default: every epoch)')
     g.add_argument('--no-progress', action='store_true', help='no progress bar')
     return p
@@ -87,12 +95,37 @@ def load_config_file(path) -> dict:
     text = path.read_text()
     if path.suffix == '.toml':
         import tomllib
-        d = tomllib.loads(text)
+        try: d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e: raise ValueError(f"config file '{path}' is not valid TOML: {e}") from None
     else:
         try: d = json.loads(text)
         except json.JSONDecodeError as e: raise ValueError(f"config file '{path}' is not valid JSON: {e}") from None
     if not isinstance(d, dict): raise ValueError(f"config file '{path}' must hold an object of options")
     return {k.replace('-', '_'): v for k, v in d.items()}
+
+def _check_file_values(parser, opts: dict, path) -> None:
+    "Values from a config file skip argparse: check their choices and types the way argparse checks flags."
+    for act in parser._actions:
+        if act.dest not in opts: continue
+        v, name = opts[act.dest], '/'.join(act.option_strings)
+        if act.choices is not None and v not in act.choices and v != act.default and not (act.const is not None and v == act.const):
+            parser.error(f"argument {name}: invalid choice: {v!r} (choose from {', '.join(map(repr, act.choices))}) (in {path})")
+        want = {int: (int,), float: (int, float), _json_dict: (dict,)}.get(act.type)
+        if isinstance(act, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)): want = (bool,)
+        if want and v is not None and not isinstance(v, str) and (not isinstance(v, want) or (isinstance(v, bool) and bool not in want)):
+            parser.error(f"argument {name}: expected {' or '.join(t.__name__ for t in want)}, got {v!r} (in {path})")
+
+def check_device(device: str | None) -> None:
+    "Raise a clear error unless `device` names a device this machine has."
+    if device is None: return
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError): raise ValueError(f"--device {device!r} is not a device: expected cpu, cuda, cuda:N or mps") from None
+    if d.type == 'cuda':
+        if not torch.cuda.is_available(): raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n: raise ValueError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0 ... cuda:{n - 1})")
+    elif d.type == 'mps' and not torch.backends.mps.is_available(): raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif d.type not in ('cpu', 'cuda', 'mps'): raise ValueError(f"--device {device}: expected cpu, cuda, cuda:N or mps")
 
 def parse_args(argv=None) -> dict:
     "Resolve options: parser defaults < config file < command-line flags."
@@ -105,14 +138,19 @@ def parse_args(argv=None) -> dict:
         valid = {a.dest for a in parser._actions} - {'help', 'config'}
         unknown = sorted(set(file_opts) - valid)
         if unknown: parser.error(f"unknown option(s) {unknown} in {known.config}; valid: {sorted(valid)}")
+        _check_file_values(parser, file_opts, known.config)
         parser.set_defaults(**file_opts)
     args = vars(parser.parse_args(argv))
     args.pop('config')
     if args['method'] is None: parser.error(f"--method is required (one of {', '.join(METHOD_NAMES)})")
-    for k in ('epochs', 'batch_size', 'max_steps', 'epoch_size', 'log_every', 'ckpt_every'):
+    for k in ('epochs', 'batch_size', 'max_steps', 'epoch_size', 'log_every', 'ckpt_every', 'img_size', 'patch_size'):
         if args[k] is not None and args[k] < 1: parser.error(f"--{k.replace('_', '-')} must be >= 1, got {args[k]}")
-    if args['time_budget'] is not None and not args['time_budget'] > 0:
-        parser.error(f"--time-budget must be a positive number of minutes, got {args['time_budget']}")
+    for k in ('num_workers', 'knn_every'):
+        if args[k] < 0: parser.error(f"--{k.replace('_', '-')} must be >= 0, got {args[k]}")
+    if args['time_budget'] is not None and not (math.isfinite(args['time_budget']) and args['time_budget'] > 0):
+        parser.error(f"--time-budget must be a finite, positive number of minutes, got {args['time_budget']}")
+    try: check_device(args['device'])
+    except ValueError as e: parser.error(str(e))
     return args
 
 # %% ../nbs/41_cli.ipynb #304ff097
@@ -147,12 +185,44 @@ def build_loader(args: dict, recipe: str, rank: int = 0, world_size: int = 1, de
                          num_workers=args['num_workers'], root=args['data_root'], download=args['download'], archive=args['archive'])
 
 # %% ../nbs/41_cli.ipynb #928c6587
+RESUME_SAME_ARGS = ('data', 'img_size')   # besides the trainer's checks (RESUME_FIXED): a resumed run must read the same images
+
+def _same_data(a, b) -> bool:
+    a, b = str(a), str(b)
+    return a == b or (a not in ('samples', 'cifar10') and os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b)))
+
+def check_resume_args(args: dict, saved: dict) -> None:
+    "Refuse to resume a run with other data or image size than its saved args.json."
+    diff = {k: (saved.get(k), args[k]) for k in RESUME_SAME_ARGS if k in saved
+            and not (_same_data(saved[k], args[k]) if k == 'data' else saved[k] == args[k])}
+    if diff: raise ValueError(f"cannot resume: the run was started with other options (args.json, this run): "
+                              f"{ {'--' + k.replace('_', '-'): v for k, v in diff.items()} }. Resume with the same ones, or use a new --out")
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    tmp.write_text(json.dumps(obj, indent=2)); os.replace(tmp, path)
+
+def _build_method_clearly(a: dict, n_images):
+    "`build_method`, with errors from the model or method constructor naming the option that caused them."
+    try: return build_method(a, n_images)
+    except ValueError: raise                       # folk_nb's own errors already say what is wrong
+    except (TypeError, KeyError, AssertionError, RuntimeError) as e:
+        opts = [f"--{k.replace('_', '-')} {json.dumps(a[k])}" for k in ('model_args', 'method_args') if a[k]]
+        where = ' / '.join(opts) if opts else f"--method {a['method']} --model {a['model']}"
+        raise ValueError(f"{where}: creating method {a['method']!r} with model {a['model']!r} failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+def _knn_on_training_images(data) -> bool:
+    "Whether the kNN monitor's 'test' split is the training set itself (no separate test split)."
+    data = str(data)
+    if data == 'samples': return True
+    if data == 'cifar10': return False
+    return not (Path(data).expanduser() / 'test').is_dir()
+
 def run_pretrain(args: dict) -> dict:
     "Run (or resume) pre-training from resolved options; returns the trainer's summary."
     from folk_nb.trainer import Trainer, TrainConfig, setup_distributed
     a = resolve_defaults(args)
-    info = setup_distributed(a['device'])
-    torch.manual_seed(a['seed'] + info.rank)
     out = Path(a['out'])
     ckpt = out / 'checkpoints' / 'last.pt'
     if a['resume'] and not ckpt.exists():
@@ -160,43 +230,86 @@ def run_pretrain(args: dict) -> dict:
     if not a['resume'] and ckpt.exists():
         raise FileExistsError(f"'{out}' already holds a run (checkpoints/last.pt): pass --resume to continue it, "
                               "or choose another --out — refusing to overwrite it")
+    if a['resume'] and (out / 'args.json').is_file():
+        try: saved = json.loads((out / 'args.json').read_text())
+        except json.JSONDecodeError: saved = {}
+        check_resume_args(a, saved if isinstance(saved, dict) else {})
+    info = setup_distributed(a['device'])
+    torch.manual_seed(a['seed'] + info.rank)
     from folk_nb.methods import method_class
-    loader = build_loader(a, method_class(a['method']).recipe, info.rank, info.world_size, info.device)
+    try: loader = build_loader(a, method_class(a['method']).recipe, info.rank, info.world_size, info.device)
+    except ValueError as e:
+        if 'drop_last=False' not in str(e): raise
+        raise ValueError(str(e).replace('lower batch_size, raise epoch_size, or set drop_last=False',
+                                        'lower --batch-size or raise --epoch-size')) from None
     n_images = len(loader.images) if hasattr(loader, 'images') else len(loader.dataset)
-    method = build_method(a, n_images)
+    if len(loader) == 0:
+        raise ValueError(f"{n_images} training image(s) give no full batch of --batch-size {a['batch_size']}"
+                         + (f" on each of {info.world_size} processes" if info.world_size > 1 else '') + ": lower --batch-size or add images")
+    method = _build_method_clearly(a, n_images)
     knn = None
     if a['knn_every']:
         from folk_nb.data import dataset_tensors
         size = a['img_size']
         knn = tuple(dataset_tensors(a['data'], split, a['data_root'], size=size if a['data'] != 'cifar10' else None,
                                     archive=a['archive']) for split in ('train', 'test'))
+        if info.is_main and _knn_on_training_images(a['data']):
+            print(f"note: {a['data']!r} has no test split: the kNN monitor classifies the training images themselves, "
+                  "so its accuracy is not a test accuracy")
     cfg = TrainConfig(epochs=a['epochs'], max_steps=a['max_steps'], time_budget_min=a['time_budget'], base_lr=a['base_lr'], lr=a['lr'], min_lr=a['min_lr'],
                       warmup_steps=a['warmup_steps'], weight_decay=a['weight_decay'], optimizer=a['optimizer'], clip_grad=a['clip_grad'] or None,
                       amp=a['amp'], compile=a['compile'], seed=a['seed'], deterministic=a['deterministic'],
                       out_dir=str(out), log_every=a['log_every'], ckpt_every=a['ckpt_every'], knn_every=a['knn_every'],
                       progress=not a['no_progress'], value_checks=a['value_checks'])
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        saved = {k: v for k, v in a.items() if k != 'resume'}
-        (out / 'args.json').write_text(json.dumps(saved, indent=2))
     trainer = Trainer(method, loader, cfg, knn_data=knn, dist_info=info,
                       run_info=dict(command=' '.join(sys.argv), data=str(a['data']), args=a))
-    if a['resume']: trainer.resume(ckpt)
-    return trainer.fit()
+    if a['resume']: trainer.resume(ckpt)                  # refuses another method or other settings: args.json stays as it was
+    fresh = not out.exists() or not any(out.iterdir())    # nothing of an earlier run here
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(out / 'args.json', {k: v for k, v in a.items() if k != 'resume'})
+    try: return trainer.fit()
+    except RuntimeError as e:
+        if info.is_main and fresh and not ckpt.exists() and _is_corrupt_data_error(e):
+            shutil.rmtree(out, ignore_errors=True)        # a run that never took a step leaves no folder behind
+        raise
+
+def _is_corrupt_data_error(e: BaseException) -> bool:
+    "Whether `e` is the data code's 'every image is corrupt' error (also when re-raised from a loader worker)."
+    from folk_nb.trainer import NonFiniteLossError
+    return isinstance(e, RuntimeError) and not isinstance(e, NonFiniteLossError) and 'is corrupt or unreadable' in str(e)
+
+def _one_line(e: BaseException) -> str:
+    "The line of a (possibly multi-line, worker re-raised) error message that says what is wrong."
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return next((l.split(': ', 1)[1] if l.startswith('RuntimeError: ') else l for l in reversed(lines) if 'corrupt' in l), lines[-1] if lines else repr(e))
 
 def main(argv=None) -> dict:
-    "Run `folk_nb_pretrain` with `argv`; returns the run's summary (errors: message and exit status 2)."
+    "Run `folk_nb_pretrain` with `argv`; returns the run's summary (bad input: message and exit status 2; non-finite loss: 1)."
+    from folk_nb.trainer import NonFiniteLossError
     args = parse_args(argv)
     try: summary = run_pretrain(args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
         print(f"folk_nb_pretrain: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except NonFiniteLossError as e:                       # summary.json says 'stopped: non-finite loss'
+        print(f"folk_nb_pretrain: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    except RuntimeError as e:
+        if not _is_corrupt_data_error(e): raise
+        print(f"folk_nb_pretrain: error: {_one_line(e)}; remove or replace the broken files, or give another --data", file=sys.stderr)
+        raise SystemExit(2)
     return summary
 
+def exit_status(summary: dict) -> int:
+    "Exit status for a run's summary: 0 finished (or paused / budget spent as asked), 143 SIGTERM, 130 SIGINT, 1 otherwise."
+    status = str(summary.get('status', ''))
+    if status in ('finished', 'paused', 'time budget spent'): return 0
+    return {'stopped by SIGTERM': 143, 'stopped by SIGINT': 130}.get(status, 1)
+
 def pretrain_command() -> int:
-    "Console script `folk_nb_pretrain`: exit status 0 on success (the summary is printed by the trainer)."
-    main()
-    return 0
+    "Console script `folk_nb_pretrain`: exit status 0 when the run finished, 143 / 130 when SIGTERM / SIGINT stopped it."
+    return exit_status(main())
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(pretrain_command())   # torchrun -m folk_nb.cli ...
 

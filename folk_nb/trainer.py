@@ -15,9 +15,9 @@ from .checks import value_checks
 from .methods import checkpoint_config
 
 # %% auto #0
-__all__ = ['COMPILE_MODES', 'CHECKPOINT_FORMAT', 'TrainConfig', 'cosine_lr', 'atomic_save', 'load_checkpoint',
-           'check_weights_only', 'rng_state', 'set_rng_state', 'DistInfo', 'setup_distributed', 'to_device',
-           'batch_size_of', 'CSVLog', 'NonFiniteLossError', 'Trainer']
+__all__ = ['COMPILE_MODES', 'RESUME_FIXED', 'RESUME_FREE', 'CHECKPOINT_FORMAT', 'TrainConfig', 'cosine_lr', 'atomic_save',
+           'load_checkpoint', 'check_weights_only', 'rng_state', 'set_rng_state', 'DistInfo', 'setup_distributed',
+           'to_device', 'batch_size_of', 'CSVLog', 'NonFiniteLossError', 'Trainer']
 
 # %% ../nbs/40_trainer.ipynb #d30fd085
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's modes
@@ -56,6 +56,16 @@ class TrainConfig:
         if self.amp not in ('auto', 'bf16', 'off'): raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if self.optimizer not in ('adamw', 'sgd'): raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.clip_grad is not None and self.clip_grad <= 0: raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad}")
+        if self.warmup_steps is not None and self.warmup_steps < 0: raise ValueError(f"warmup_steps must be >= 0 (or None: 5% of the schedule), got {self.warmup_steps}")
+        if self.weight_decay < 0: raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.min_lr < 0: raise ValueError(f"min_lr must be >= 0, got {self.min_lr}")
+        if self.lr is not None and not self.lr > 0: raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.base_lr > 0: raise ValueError(f"base_lr must be positive, got {self.base_lr}")
+        if self.lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr:g}) must not exceed the peak learning rate lr ({self.lr:g}): the learning rate would rise")
+        if self.knn_every < 0: raise ValueError(f"knn_every must be >= 0 (0: off), got {self.knn_every}")
+        if self.log_every < 1: raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.ckpt_every is not None and self.ckpt_every < 1: raise ValueError(f"ckpt_every must be >= 1 (or None: every epoch), got {self.ckpt_every}")
         if self.value_checks not in ('first', 'always'):
             raise ValueError(f"value_checks must be 'first' (check the input values on the first step of each fit) or "
                              f"'always' (every step), got {self.value_checks!r}")
@@ -74,6 +84,11 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown: raise ValueError(f"unknown training option(s) {sorted(unknown)}; valid: {sorted(names)}")
         return cls(**d)
+
+# %% ../nbs/40_trainer.ipynb #7504d027
+RESUME_FIXED = ('lr', 'base_lr', 'min_lr', 'warmup_steps', 'weight_decay', 'optimizer', 'betas', 'clip_grad', 'seed', 'amp')  # must match the checkpoint's (and the global batch)
+RESUME_FREE = ('epochs', 'max_steps', 'time_budget_min', 'log_every', 'ckpt_every', 'knn_every', 'max_nonfinite',   # may change on resume
+               'progress', 'value_checks', 'compile', 'deterministic', 'out_dir')
 
 # %% ../nbs/40_trainer.ipynb #2eddbafc
 def cosine_lr(
@@ -278,6 +293,9 @@ class Trainer:
         self.global_batch = getattr(loader, 'batch_size', None) or 0
         self.global_batch *= self.dist.world_size
         self.peak_lr = self.cfg.lr if self.cfg.lr is not None else self.cfg.base_lr * max(self.global_batch, 1) / 512
+        if self.cfg.min_lr > self.peak_lr:
+            raise ValueError(f"min_lr ({self.cfg.min_lr:g}) must not exceed the peak learning rate ({self.peak_lr:g} = base_lr "
+                             f"{self.cfg.base_lr:g} * global batch {self.global_batch} / 512): the learning rate would rise")
         self.model = method
         if self.dist.world_size > 1:
             self.model = nn.parallel.DistributedDataParallel(method, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
@@ -312,7 +330,8 @@ class Trainer:
                     model=m.state_dict(), optimizer=self.optimizer.state_dict(), step=self.step, epoch=self.epoch,
                     batch_in_epoch=self.batch_in_epoch, nonfinite_total=self.nonfinite_total, rng=all_rng,
                     world_size=self.dist.world_size, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                    train_seconds=self.train_seconds, calibration=self.calibration, steps_per_epoch=self.steps_per_epoch)
+                    train_seconds=self.train_seconds, calibration=self.calibration, steps_per_epoch=self.steps_per_epoch,
+                    global_batch=self.global_batch)
 
     def save(self, path=None) -> Path | None:
         "Write a checkpoint atomically (rank 0 writes; every rank takes part in gathering RNG states)."
@@ -321,14 +340,24 @@ class Trainer:
         return atomic_save(state, path or self.ckpt_path)
 
     def check_compatible(self, ckpt: dict) -> None:
-        "Refuse a checkpoint of another method or model, saying what differs."
+        "Refuse a checkpoint of another method or model, or of other optimisation settings (`RESUME_FIXED`), saying what differs."
         m = _unwrap(self.model)
+        if ckpt['method'] != m.name:
+            raise ValueError(f"cannot resume: the checkpoint is method {ckpt['method']!r}, this run is {m.name!r}. "
+                             "Use the same method, or a new output folder (--out).")
         saved = checkpoint_config(type(m), ckpt['method_config'])   # options added since: the value older runs imply
-        if ckpt['method'] != m.name or saved != m.config:
-            diff = {k: (saved.get(k), m.config.get(k)) for k in set(saved) | set(m.config) if saved.get(k) != m.config.get(k)}
-            raise ValueError(f"cannot resume: the checkpoint is method {ckpt['method']!r}, this run is {m.name!r}"
-                             + (f"; settings differ (checkpoint, this run): {diff}" if diff else '')
-                             + ". Use the same method and model options, or a new output folder.")
+        if saved != m.config:
+            diff = {k: (saved.get(k), m.config.get(k)) for k in sorted(set(saved) | set(m.config)) if saved.get(k) != m.config.get(k)}
+            raise ValueError(f"cannot resume: the method settings differ (checkpoint, this run): {diff}. "
+                             "Use the same method and model options, or a new output folder (--out).")
+        saved_cfg, cfg = ckpt.get('train_config', {}), asdict(self.cfg)
+        norm = lambda v: tuple(v) if isinstance(v, list) else v
+        diff = {k: (saved_cfg[k], cfg[k]) for k in RESUME_FIXED if k in saved_cfg and norm(saved_cfg[k]) != norm(cfg[k])}
+        if ckpt.get('global_batch') is not None and ckpt['global_batch'] != self.global_batch:   # older checkpoints lack it
+            diff['global_batch'] = (ckpt['global_batch'], self.global_batch)
+        if diff:
+            raise ValueError(f"cannot resume: training settings differ from the checkpoint's (checkpoint, this run): {diff}. "
+                             "Resume with the same settings, or start a new run in a new output folder (--out).")
 
     def resume(self, path=None) -> 'Trainer':
         "Continue exactly from a checkpoint (default: this run's last.pt)."
@@ -510,7 +539,7 @@ class Trainer:
         t_start, n_images, t_window, n_window = time.perf_counter(), 0, time.perf_counter(), 0
         start_step, status, acc = self.step, 'finished', {}
         out_of_time = budget_s is not None and self.train_seconds >= budget_s   # e.g. resumed after the budget was spent
-        last_row, t_mark = {}, time.perf_counter()
+        last_row, t_mark, error = {}, time.perf_counter(), None
         try:
             while self.step < end and self._stop_signal is None and not out_of_time:
                 self.loader.set_epoch(self.epoch)
@@ -553,6 +582,8 @@ class Trainer:
             elif out_of_time and self.step < self.total_steps: status = 'time budget spent'
             elif self.step < last: status = 'paused'
             path = self.save()
+        except NonFiniteLossError as e:                 # train_step saved a checkpoint; report the stop in summary.json too
+            status, error = 'stopped: non-finite loss', e
         finally:
             bar.close()
             for s, h in handlers.items(): signal.signal(s, h)
@@ -570,4 +601,5 @@ class Trainer:
                   f"{self.nonfinite_total} non-finite step(s) skipped; checkpoint {self.ckpt_path}")
             (self.out_dir / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
             self._callback('on_end', summary)
+        if error is not None: raise error
         return summary

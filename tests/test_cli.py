@@ -120,3 +120,109 @@ def test_compile_flag_takes_an_optional_mode(capsys):
     with pytest.raises(SystemExit):
         parse_args(['--method', 'mfm', '--compile', 'fastest'])
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+def _err(capsys, argv, code=2):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 'Traceback' not in '\n'.join(err)
+    return err[-1]
+
+
+def test_a_refused_resume_leaves_args_json_as_it_was(tmp_path, capsys):
+    run('mfm', tmp_path, '--max-steps', '1')
+    before = (tmp_path / 'args.json').read_text()
+    err = _err(capsys, ['--config', str(tmp_path / 'args.json'), '--resume', '--max-steps', '2',
+                        '--model-args', json.dumps({'depth': 2, 'embed_dim': 64, 'num_heads': 2})])
+    assert "'depth': 1" in err and "'depth': 2" in err
+    assert (tmp_path / 'args.json').read_text() == before
+    s = main(['--config', str(tmp_path / 'args.json'), '--resume', '--max-steps', '2'])   # the README's resume still works
+    assert s['steps'] == 2
+
+
+def test_resume_with_other_optimisation_settings_or_data_is_refused(tmp_path, capsys):
+    run('mfm', tmp_path, '--max-steps', '1')
+    cfg = ['--config', str(tmp_path / 'args.json'), '--resume', '--max-steps', '2']
+    err = _err(capsys, cfg + ['--batch-size', '4', '--seed', '5', '--lr', '1'])
+    assert "'seed': (0, 5)" in err and "'lr': (None, 1.0)" in err and "'global_batch': (8, 4)" in err and '--out' in err
+    assert "--img-size" in _err(capsys, cfg + ['--img-size', '64'])
+    assert "'--data': ('samples'" in _err(capsys, cfg + ['--data', str(tmp_path)])
+    assert load_checkpoint(tmp_path / 'checkpoints' / 'last.pt')['step'] == 1
+    assert main(cfg + ['--log-every', '5'])['steps'] == 2                 # cadence may change
+
+
+def test_bad_options_give_one_line_errors(tmp_path, capsys):
+    base = ['--method', 'mfm', '--data', 'samples', '--img-size', '32', '--batch-size', '8', '--epoch-size', '16',
+            '--no-progress', '--max-steps', '1', '--out', str(tmp_path / 'r'), *VIT]
+    assert "'gpu' is not a device" in _err(capsys, base + ['--device', 'gpu'])
+    if not torch.cuda.is_available():
+        assert 'CUDA is not available' in _err(capsys, base + ['--device', 'cuda'])
+    assert '--img-size must be >= 1' in _err(capsys, base + ['--img-size', '-32'])
+    assert 'finite, positive' in _err(capsys, base + ['--time-budget', 'inf'])
+    (tmp_path / 'c.json').write_text(json.dumps({'method': 'nope'}))
+    assert "argument --method: invalid choice: 'nope'" in _err(capsys, ['--config', str(tmp_path / 'c.json')])
+    (tmp_path / 'c.toml').write_text('method = "mfm"\nbatch_size = \n')
+    assert "'" + str(tmp_path / 'c.toml') + "' is not valid TOML" in _err(capsys, ['--config', str(tmp_path / 'c.toml')])
+    err = _err(capsys, base[:-len(VIT)] + ['--device', 'cpu', '--model-args', '{"depth": "two"}'])
+    assert err.startswith('folk_nb_pretrain: error: --model-args {"depth": "two"}') and 'TypeError' in err
+    err = _err(capsys, base + ['--device', 'cpu', '--epoch-size', '2'])
+    assert 'lower --batch-size or raise --epoch-size' in err and 'drop_last' not in err
+    assert not (tmp_path / 'r').exists()
+
+
+def test_nonfinite_run_exits_1_and_its_summary_says_so(tmp_path, capsys):
+    err = _err(capsys, ['--method', 'mfm', '--data', 'samples', '--img-size', '32', '--batch-size', '8', '--epoch-size', '16',
+                        '--no-progress', '--device', 'cpu', '--out', str(tmp_path), '--lr', '1e12', '--clip-grad', '1e30',
+                        '--max-steps', '60', '--log-every', '100', *VIT], code=1)
+    assert 'NaN/inf for 20 steps in a row' in err
+    assert json.loads((tmp_path / 'summary.json').read_text())['status'] == 'stopped: non-finite loss'
+    assert (tmp_path / 'checkpoints' / 'last.pt').exists()
+
+
+def test_all_corrupt_image_folder_is_a_clear_error_and_leaves_no_run_folder(tmp_path, capsys):
+    (tmp_path / 'imgs' / 'a').mkdir(parents=True)
+    for n in ('x.jpg', 'y.png'): (tmp_path / 'imgs' / 'a' / n).write_bytes(b'not an image')
+    err = _err(capsys, ['--method', 'mfm', '--data', str(tmp_path / 'imgs'), '--img-size', '32', '--batch-size', '2',
+                        '--num-workers', '0', '--no-progress', '--device', 'cpu', '--max-steps', '1',
+                        '--out', str(tmp_path / 'run'), *VIT])
+    assert 'every one of the 2 images' in err and 'corrupt' in err
+    assert not (tmp_path / 'run').exists()
+
+
+def test_exit_status_is_nonzero_when_the_run_did_not_finish(monkeypatch):
+    import folk_nb.cli as cli
+    for status, code in [('finished', 0), ('stopped by SIGTERM', 143), ('stopped by SIGINT', 130), ('stopped: non-finite loss', 1)]:
+        monkeypatch.setattr(cli, 'main', lambda argv=None, s=status: {'status': s})
+        assert cli.pretrain_command() == code
+
+
+def test_console_script_exits_143_on_sigterm(tmp_path):
+    import signal, time
+    exe = Path(sys.executable).parent / 'folk_nb_pretrain'
+    argv = ['--method', 'mfm', '--data', 'samples', '--img-size', '32', '--batch-size', '8', '--epoch-size', '16',
+            '--max-steps', '100000', '--out', str(tmp_path), '--no-progress', '--device', 'cpu', '--log-every', '1', *TINY['mfm']]
+    p = subprocess.Popen([str(exe), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (tmp_path / 'log.csv').exists() and time.time() - t0 < 240: time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    assert json.loads((tmp_path / 'summary.json').read_text())['status'] == 'stopped by SIGTERM'
+
+
+def test_help_states_each_default_once_and_documents_every_option(capsys):
+    from folk_nb.cli import build_parser
+    p = build_parser(); h = p.format_help(); fmt = p._get_formatter()
+    assert '(default: None)' not in h and '(default: 32 for cifar10' in h
+    for act in p._actions:
+        assert (fmt._get_help_string(act) or '').count('(default:') <= 1, act.option_strings   # stated once
+    for opt in ('--epochs', '--base-lr', '--min-lr', '--weight-decay', '--clip-grad', '--seed', '--deterministic', '--log-every'):
+        act = next(a for a in build_parser()._actions if opt in a.option_strings)
+        assert act.help, opt
+
+
+def test_knn_monitor_on_data_without_test_split_says_so(tmp_path, capsys):
+    run('mfm', tmp_path, '--max-steps', '2', '--knn-every', '1', '--batch-size', '8', '--epoch-size', '16')
+    assert 'no test split' in capsys.readouterr().out

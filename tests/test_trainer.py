@@ -318,3 +318,54 @@ def test_ddp_time_budget_every_process_stops_at_the_same_step(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (json.loads((tmp_path / f'rank{i}.json').read_text()) for i in (0, 1))
     assert a == b and a['status'] == 'finished' and a['train_seconds'] >= 0.6 and a['steps'] > 1
+
+
+def test_resume_refuses_other_optimisation_settings_and_says_what_differs(tmp_path):
+    Trainer(NoisyToy(), FixedLoader(), config(tmp_path, max_steps=2)).fit()
+    with pytest.raises(ValueError) as e:
+        Trainer(NoisyToy(), FixedLoader(), config(tmp_path, lr=1.0, seed=5, weight_decay=0.0)).resume()
+    msg = str(e.value)
+    assert "'lr': (0.005, 1.0)" in msg and "'seed': (0, 5)" in msg and "'weight_decay': (0.05, 0.0)" in msg
+    assert '--out' in msg and 'method' not in msg.split('(checkpoint')[0]          # no contradictory method sentence
+    with pytest.raises(ValueError, match=r"'global_batch': \(8, 16\)"):
+        Trainer(NoisyToy(), FixedLoader(batch_size=16), config(tmp_path)).resume()
+    t = Trainer(NoisyToy(), FixedLoader(), config(tmp_path, max_steps=3, log_every=5, ckpt_every=1, value_checks='always')).resume()
+    assert t.fit()['steps'] == 3                                # length and cadence may change on resume
+
+
+def test_resume_of_a_checkpoint_without_global_batch_skips_that_check(tmp_path):
+    Trainer(NoisyToy(), FixedLoader(), config(tmp_path, max_steps=2)).fit()
+    p = tmp_path / 'checkpoints' / 'last.pt'
+    ck = load_checkpoint(p); del ck['global_batch']; atomic_save(ck, p)
+    Trainer(NoisyToy(), FixedLoader(batch_size=16), config(tmp_path)).resume()
+
+
+def test_method_settings_differ_message_names_only_the_difference(tmp_path):
+    Trainer(NoisyToy(width=8), FixedLoader(), config(tmp_path, max_steps=2)).fit()
+    with pytest.raises(ValueError) as e:
+        Trainer(NoisyToy(width=16), FixedLoader(), config(tmp_path)).resume()
+    assert "'width': (8, 16)" in str(e.value) and 'this run is' not in str(e.value)
+
+
+def test_persistent_nonfinite_loss_writes_a_summary_saying_so(tmp_path):
+    with pytest.raises(NonFiniteLossError):
+        Trainer(NoisyToy(nan_steps=list(range(100))), FixedLoader(), config(tmp_path, max_nonfinite=3)).fit()
+    s = json.loads((tmp_path / 'summary.json').read_text())
+    assert s['status'] == 'stopped: non-finite loss' and s['nonfinite_steps'] == 3
+
+
+@pytest.mark.parametrize('kw,msg', [(dict(warmup_steps=-1), 'warmup_steps must be >= 0'),
+                                    (dict(weight_decay=-0.1), 'weight_decay must be >= 0'),
+                                    (dict(lr=1e-3, min_lr=1e-2), 'must not exceed the peak learning rate'),
+                                    (dict(knn_every=-1), 'knn_every must be >= 0'),
+                                    (dict(log_every=0), 'log_every must be >= 1'),
+                                    (dict(ckpt_every=0), 'ckpt_every must be >= 1')])
+def test_out_of_range_settings_are_refused(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig(**kw)
+
+
+def test_min_lr_above_the_base_lr_peak_is_refused(tmp_path):
+    cfg = TrainConfig(base_lr=1e-4, min_lr=1e-3, out_dir=str(tmp_path), progress=False)   # peak = 1e-4 * 8 / 512
+    with pytest.raises(ValueError, match='must not exceed the peak learning rate'):
+        Trainer(NoisyToy(), FixedLoader(), cfg)
