@@ -27,7 +27,7 @@ __all__ = ['READ_ERRORS', 'CIFAR10_CLASSES', 'CIFAR10_ARCHIVE', 'DATASETS', 'DAT
            'download_cifar10', 'create_dataset', 'load_folder_tensors', 'dataset_tensors', 'channel_stats', 'ViewSpec',
            'view_specs', 'RandomResizedCropFlip', 'ViewTransform', 'MultiViewTransform', 'make_transform',
            'ViewsDataset', 'sample_crop_boxes', 'resized_crop', 'color_jitter', 'gaussian_blur', 'augment_batch',
-           'GPUDataLoader', 'EpochDataLoader', 'create_loader']
+           'GPUDataLoader', 'SeededSampler', 'EpochDataLoader', 'create_loader']
 
 # %% ../nbs/20_data.ipynb #84492e4f
 class CorruptImageWarning(UserWarning):
@@ -496,9 +496,19 @@ class ViewsDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int: return len(self.base)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self,
+                    index,  # an int, or (int, seed): draw the views from a CPU RNG seeded with `seed` (global RNG untouched)
+                   ) -> dict:
+        seed = None
+        if isinstance(index, (tuple, list)): index, seed = index
         img, target = self.base[index]
-        return {**self.transform(img), 'target': target, 'index': index}
+        if seed is None: return {**self.transform(img), 'target': target, 'index': index}
+        state = torch.get_rng_state()
+        try:
+            torch.default_generator.manual_seed(int(seed))  # CPU only: safe in forked workers
+            views = self.transform(img)
+        finally: torch.set_rng_state(state)
+        return {**views, 'target': target, 'index': index}
 
 # %% ../nbs/20_data.ipynb #f873edb9
 def sample_crop_boxes(
@@ -768,6 +778,22 @@ class GPUDataLoader:
             yield dict(views=[o[0] for o in out], boxes=[o[1] for o in out], flipped=[o[2] for o in out],
                        target=self.targets[i], index=i)
 
+# %% ../nbs/20_data.ipynb #0c5a9382
+class SeededSampler(torch.utils.data.Sampler):
+    "Wraps a `DistributedSampler`: yields (index, seed) pairs, each seed a function of (seed, epoch, rank, position)."
+    def __init__(self,
+                 sampler,         # a DistributedSampler (has set_epoch, epoch, rank)
+                 seed: int = 0,   # seeds the augmentations
+                ):
+        self.sampler, self.seed = sampler, seed
+
+    def set_epoch(self, epoch: int) -> None: self.sampler.set_epoch(epoch)
+    def __len__(self) -> int: return len(self.sampler)
+
+    def __iter__(self):
+        e, r = self.sampler.epoch, getattr(self.sampler, 'rank', 0)
+        for pos, i in enumerate(self.sampler): yield int(i), _mix(self.seed, e, r, pos)
+
 # %% ../nbs/20_data.ipynb #143332b1
 class EpochDataLoader(torch.utils.data.DataLoader):
     "A DataLoader whose `DistributedSampler` moves to the next epoch at each `iter()` (or at `set_epoch`)."
@@ -814,6 +840,7 @@ def create_loader(
                                           epoch_size=epoch_size, rank=rank, world_size=world_size, device=device, size=size)
     ds = create_dataset(name_or_path, split, root, recipe=recipe, size=size, download=download, archive=archive)
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = SeededSampler(sampler, seed)  # per-item augmentation seeds: exact resume, any num_workers
     return EpochDataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                            pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                            generator=torch.Generator().manual_seed(seed))

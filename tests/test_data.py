@@ -542,3 +542,45 @@ def test_cpu_and_device_loaders_yield_the_same_format():
     for k in ('target', 'index'):
         assert bg[k].shape == bc[k].shape and bg[k].dtype == bc[k].dtype == torch.int64
     assert len(gpu) == len(cpu) == len(D.sample_names()) // 5
+
+
+# ---------------------------------------------------------------- exact resume on an image folder (CPU loader)
+
+def _folder_run(folder, out, stop_at=None, resume=False, num_workers=0):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / 'scripts'))
+    from toy import NoisyToy
+    from folk_nb.trainer import Trainer, TrainConfig
+    torch.manual_seed(0)
+    model = NoisyToy()
+    loader = create_loader(folder, recipe='moco', size=8, batch_size=4, resident=False, num_workers=num_workers, seed=5)
+    t = Trainer(model, loader, TrainConfig(epochs=3, lr=5e-3, warmup_steps=1, out_dir=str(out), progress=False,
+                                          log_every=1, deterministic=True))
+    if resume:
+        torch.manual_seed(123); torch.rand(10)  # a new process would have other RNG states
+        t.resume()
+    return model, t.fit(stop_at=stop_at)
+
+
+@pytest.mark.parametrize('stop_at', [3, 6])  # mid-epoch 0, and mid-epoch 1 (3 batches per epoch)
+def test_image_folder_resume_is_bit_identical(tmp_path, stop_at):
+    write_folder(tmp_path / 'imgs', classes=('a', 'b'), n=6, size=(10, 10))
+    straight, s = _folder_run(tmp_path / 'imgs', tmp_path / 'a')
+    _, p = _folder_run(tmp_path / 'imgs', tmp_path / 'b', stop_at=stop_at)
+    assert p['status'] == 'paused' and p['steps'] == stop_at
+    resumed, r = _folder_run(tmp_path / 'imgs', tmp_path / 'b', resume=True)
+    assert s['steps'] == r['steps'] == 9
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_image_folder_views_do_not_depend_on_workers_or_global_rng(tmp_path):
+    write_folder(tmp_path / 'imgs', classes=('a', 'b'), n=4, size=(10, 10))
+    def batches(nw, seed):
+        torch.manual_seed(seed)
+        dl = create_loader(tmp_path / 'imgs', recipe='moco', size=8, batch_size=4, resident=False, num_workers=nw, seed=1)
+        dl.set_epoch(1)
+        return [b['views'][1] for b in dl]
+    a = batches(0, 0)
+    for b in (batches(0, 99), batches(2, 7)):
+        assert len(a) == len(b) == 2 and all(torch.equal(x, y) for x, y in zip(a, b))
