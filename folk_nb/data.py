@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_data.ipynb #b6dc030a
 from __future__ import annotations
-import math, os, shutil, tarfile, tempfile, warnings
+import hashlib, math, os, shutil, tarfile, tempfile, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -56,7 +56,8 @@ def _check_folder(root: Path, name: str = 'root') -> None:
     "Raise a clear error unless `root` is an existing folder."
     if not root.exists(): raise FileNotFoundError(f"{name} '{root}' does not exist; expected a folder laid out as {name}/<class>/<image>")
     if not root.is_dir(): raise ValueError(f"{name} '{root}' is a file, not a folder; expected a folder laid out as {name}/<class>/<image>")
-    if not any(e.is_dir() for e in os.scandir(root)):
+    with os.scandir(root) as it: has_dirs = any(e.is_dir() for e in it)
+    if not has_dirs:
         raise ValueError(f"{name} '{root}' holds no class folders; expected a folder laid out as {name}/<class>/<image>, e.g. {name}/cat/0001.jpg")
 
 def _scan_folder(root: Path) -> tuple:
@@ -67,6 +68,23 @@ def _scan_folder(root: Path) -> tuple:
     except FileNotFoundError as e:
         raise ValueError(f"root '{root}' holds no image files in its class folders ({e})") from None
     return classes, class_to_idx, samples
+
+def _warn_upscaled(n_small: int, n: int, root, size: int, checked: str = '') -> None:
+    "One warning, with the count, about images blown up more than 2x to `size`."
+    warnings.warn(f"{n_small} of the {n} images{checked} under '{root}' are upscaled more than 2x to {size} px (shorter side "
+                  f"under {size / 2:g} px); they carry little detail at that size: pass a smaller size, or check the images",
+                  stacklevel=3)
+
+def _check_upscale(samples: list, size: int, root, k: int = 64) -> int:
+    "Read the headers of up to `k` evenly spaced files; warn once if some are under half of `size`; their count."
+    pick = samples[::max(1, len(samples) // k)][:k]
+    small = 0
+    for path, _ in pick:
+        try:
+            with Image.open(path) as img: small += size > 2 * min(img.size)
+        except READ_ERRORS: pass  # corrupt files are reported when read
+    if small: _warn_upscaled(small, len(pick), root, size, '' if len(pick) == len(samples) else ' checked')
+    return small
 
 class ImageFolderDataset(ImageFolder):
     "An `ImageFolder` (root/<class>/<image>) that skips corrupt images, warning once about each, and counts them."
@@ -85,13 +103,28 @@ class ImageFolderDataset(ImageFolder):
             for i, (path, _) in enumerate(self.samples):
                 try:
                     with Image.open(path) as img: img.size
-                except READ_ERRORS as e: self._mark_bad(i, e)
+                except READ_ERRORS: self.bad[i] = True
+            if self.n_corrupt == len(self.samples): raise ValueError(self._all_bad())
+            if self.n_corrupt:
+                bad = self.corrupt_files
+                warnings.warn(f"{len(bad)} of the {len(self.samples)} files under '{root}' are not readable images and will be "
+                              f"skipped (see n_corrupt, corrupt_files): {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}",
+                              CorruptImageWarning, stacklevel=2)
+
+    MAX_WARNINGS = 5  # corrupt files named one by one; later ones are only counted
+
+    def _all_bad(self) -> str:
+        return f"every one of the {len(self.samples)} images under '{self.root}' is corrupt or unreadable"
 
     def _mark_bad(self, i: int, err: Exception) -> None:
         if self.bad[i]: return
         self.bad[i] = True
-        warnings.warn(f"skipping corrupt or unreadable image '{self.samples[i][0]}' ({type(err).__name__}: {err}); "
-                      "the next readable image is used in its place", CorruptImageWarning, stacklevel=3)
+        k = self.n_corrupt
+        if k <= self.MAX_WARNINGS:
+            warnings.warn(f"skipping corrupt or unreadable image '{self.samples[i][0]}' ({type(err).__name__}: {err}); "
+                          "the next readable image is used in its place"
+                          + ("; further corrupt images are skipped silently (see n_corrupt)" if k == self.MAX_WARNINGS else ""),
+                          CorruptImageWarning, stacklevel=3)
 
     @property
     def n_corrupt(self) -> int: return int(self.bad.sum())
@@ -113,7 +146,7 @@ class ImageFolderDataset(ImageFolder):
             if self.transform is not None: img = self.transform(img)
             if self.target_transform is not None: target = self.target_transform(target)
             return img, target
-        raise RuntimeError(f"every one of the {n} images under '{self.root}' is corrupt or unreadable")
+        raise ValueError(self._all_bad())
 
 # %% ../nbs/20_data.ipynb #1903b993
 class SampleDataset(torch.utils.data.Dataset):
@@ -259,50 +292,82 @@ def create_dataset(
     else:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(map(repr, DATASETS))} or the path of an image "
                          f"folder (no folder {name!r} exists)")
-    return ds if recipe is None else ViewsDataset(ds, make_transform(recipe, size or native))
+    if recipe is None: return ds
+    if isinstance(ds, ImageFolderDataset): _check_upscale(ds.samples, size or native, ds.root)
+    return ViewsDataset(ds, make_transform(recipe, size or native))
 
 # %% ../nbs/20_data.ipynb #d5e74187
-def _decode(path: str, size: int | None) -> np.ndarray:
+def _decode(path: str, size: int | None) -> tuple:  # (H x W x 3 uint8 array, side of the source image's shorter edge)
     img = read_rgb(path)
+    short = min(img.size)
     if size is not None: img = ImageOps.fit(img, (size, size), Image.BICUBIC)
-    return np.asarray(img)
+    return np.asarray(img), short
+
+def _cache_paths(root: Path, size: int | None) -> list:
+    "Where the cache of `root` may live: beside the folder, else under the user cache folder ($XDG_CACHE_HOME or ~/.cache)."
+    name = f"{root.name}.{'native' if size is None else size}.uint8.pt"
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    return [root.parent / name, Path(os.environ.get('XDG_CACHE_HOME') or '~/.cache').expanduser() / 'folk_nb' / f'{key}-{name}']
+
+def _signature(samples: list, n: int) -> list:
+    "[relative path, bytes, mtime_ns] of every file: a cache is valid while this matches."
+    return [[p[n:], st.st_size, st.st_mtime_ns] for p, st in ((p, os.stat(p)) for p, _ in samples)]
+
+def _warn_corrupt(root: Path, corrupt: list) -> None:
+    if corrupt:
+        warnings.warn(f"skipped {len(corrupt)} corrupt or unreadable image(s) under '{root}': {', '.join(corrupt[:5])}"
+                      f"{', ...' if len(corrupt) > 5 else ''}", CorruptImageWarning, stacklevel=3)
+
+def _write_cache(out: dict, paths: list, root: Path) -> None:
+    "Save `out` atomically to the first writable path of `paths`, saying where; warn if none is."
+    errors = []
+    for path in paths:
+        tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(out, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            errors.append(f"'{path}': {e}"); tmp.unlink(missing_ok=True); continue
+        print(f"note: cached the {len(out['images'])} decoded images of '{root}' in '{path}' "
+              f"({path.stat().st_size / 1e6:.0f} MB); it is rebuilt when the files change")
+        return
+    warnings.warn(f"could not write a cache of '{root}' ({'; '.join(errors)}); the folder will be decoded again next time", stacklevel=3)
 
 def load_folder_tensors(
     root,                     # image folder laid out as root/<class>/<image>
     size: int | None = None,  # resize every image to size x size (centre crop); None: all must share one size
-    cache: bool = True,       # read / write the cache file next to the folder
+    cache: bool = True,       # read / write the cache file next to the folder (or under the user cache folder)
 ) -> dict:                    # images (N, 3, H, W) uint8, targets (N,) int64, classes, files, corrupt
     "Decode a whole image folder into one uint8 tensor, cached next to the folder."
     root = Path(root).expanduser()
     classes, _, samples = _scan_folder(root)
     n = len(str(root)) + 1
-    scanned = [p[n:] for p, _ in samples]  # paths relative to root
-    cache_file = root.parent / f"{root.name}.{'native' if size is None else size}.uint8.pt"
-    if cache and cache_file.is_file():
-        try: c = torch.load(cache_file, weights_only=True, mmap=True)
-        except Exception: c = None  # unreadable cache: rebuild it
-        if c is not None and c.get('scanned') == scanned: return {k: c[k] for k in ('images', 'targets', 'classes', 'files', 'corrupt')}
-    arrays, targets, files, corrupt = [], [], [], []
-    for (path, t), rel in zip(samples, scanned):
-        try: a = _decode(path, size)
-        except READ_ERRORS as e:
-            warnings.warn(f"skipping corrupt or unreadable image '{path}' ({type(e).__name__}: {e})", CorruptImageWarning, stacklevel=2)
-            corrupt.append(rel); continue
+    keys = ('images', 'targets', 'classes', 'files', 'corrupt')
+    if cache:
+        sig, paths = _signature(samples, n), _cache_paths(root, size)
+        for path in paths:
+            if not path.is_file(): continue
+            try: c = torch.load(path, weights_only=True, mmap=True)
+            except Exception: continue  # unreadable cache: rebuild it
+            if isinstance(c, dict) and c.get('signature') == sig:
+                _warn_corrupt(root, c['corrupt'])
+                return {k: c[k] for k in keys}
+    arrays, targets, files, corrupt, small = [], [], [], [], 0
+    for path, t in samples:
+        rel = path[n:]
+        try: a, short = _decode(path, size)
+        except READ_ERRORS: corrupt.append(rel); continue
         if arrays and a.shape != arrays[0].shape:
             raise ValueError(f"images under '{root}' differ in size: '{files[0]}' is {arrays[0].shape[1]}x{arrays[0].shape[0]}, "
                              f"'{rel}' is {a.shape[1]}x{a.shape[0]}; pass size= to resize them all to one square size")
-        arrays.append(a); targets.append(t); files.append(rel)
-    if not arrays: raise ValueError(f"every image under '{root}' is corrupt or unreadable")
+        arrays.append(a); targets.append(t); files.append(rel); small += size is not None and size > 2 * short
+    if not arrays: raise ValueError(f"every one of the {len(samples)} images under '{root}' is corrupt or unreadable")
+    _warn_corrupt(root, corrupt)
+    if small: _warn_upscaled(small, len(arrays), root, size)
     out = dict(images=torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(),
                targets=torch.tensor(targets, dtype=torch.int64), classes=list(classes), files=files, corrupt=corrupt)
-    if cache:
-        tmp = cache_file.with_name(f'.{cache_file.name}.{os.getpid()}.tmp')
-        try:
-            torch.save({**out, 'scanned': scanned}, tmp)
-            os.replace(tmp, cache_file)
-        except OSError as e:
-            warnings.warn(f"could not write the cache '{cache_file}' ({e}); the folder will be decoded again next time", stacklevel=2)
-            tmp.unlink(missing_ok=True)
+    if cache: _write_cache({**out, 'signature': sig}, paths, root)
     return out
 
 # %% ../nbs/20_data.ipynb #4986c70c

@@ -4,6 +4,7 @@ References are independent of the library: files decoded one by one with PIL / n
 torchvision's own per-image functional ops and RandomResizedCrop.get_params.
 """
 import math
+import os
 import socket
 import tarfile
 import warnings
@@ -584,3 +585,83 @@ def test_image_folder_views_do_not_depend_on_workers_or_global_rng(tmp_path):
     a = batches(0, 0)
     for b in (batches(0, 99), batches(2, 7)):
         assert len(a) == len(b) == 2 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- folder cache: validity, location; corrupt and tiny images
+
+def test_cache_rebuilt_when_a_file_changes_under_the_same_name(tmp_path, capsys):
+    paths = write_folder(tmp_path / 'f', n=2)
+    first = load_folder_tensors(tmp_path / 'f')
+    note = capsys.readouterr().out
+    assert "note: cached the 6 decoded images" in note and str(tmp_path / 'f.native.uint8.pt') in note
+    again = load_folder_tensors(tmp_path / 'f')
+    assert torch.equal(again['images'], first['images']) and capsys.readouterr().out == ''  # reused: silent
+    st = paths[0].stat()
+    Image.new('RGB', (16, 12), (7, 8, 9)).save(paths[0])                    # repaired / rewritten, same name
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    t = load_folder_tensors(tmp_path / 'f')
+    assert t['images'][0, :, 0, 0].tolist() == [7, 8, 9] and not torch.equal(t['images'], first['images'])
+    paths[1].write_bytes(paths[1].read_bytes() + b'\0')                       # size changes, mtime kept
+    os.utime(paths[1], ns=(st.st_atime_ns, paths[1].stat().st_mtime_ns))
+    assert 'note: cached' in (capsys.readouterr(), load_folder_tensors(tmp_path / 'f'), capsys.readouterr().out)[2]
+
+
+def test_cache_falls_back_to_user_cache_dir_when_parent_is_not_writable(tmp_path, monkeypatch, capsys):
+    write_folder(tmp_path / 'ro' / 'f', n=2)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    real_save = torch.save
+    def save(obj, f, *a, **k):  # the folder's parent refuses writes, as a read-only mount would
+        if Path(f).parent == tmp_path / 'ro': raise PermissionError(13, 'Permission denied', str(f))
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', save)
+    t = load_folder_tensors(tmp_path / 'ro' / 'f')
+    out = capsys.readouterr().out
+    cached = list((tmp_path / 'xdg' / 'folk_nb').glob('*-f.native.uint8.pt'))
+    assert len(cached) == 1 and str(cached[0]) in out and not list((tmp_path / 'ro').glob('*.pt'))
+    assert torch.equal(load_folder_tensors(tmp_path / 'ro' / 'f')['images'], t['images']) and capsys.readouterr().out == ''
+    # nowhere writable: a warning, and the images all the same
+    monkeypatch.setattr(torch, 'save', lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, 'Permission denied')))
+    with pytest.warns(UserWarning, match='could not write a cache'):
+        t8 = load_folder_tensors(tmp_path / 'ro' / 'f', size=8)
+    assert t8['images'].shape == (6, 3, 8, 8) and not list((tmp_path / 'xdg' / 'folk_nb').glob('*-f.8.uint8.pt'))
+
+
+def test_corrupt_images_reported_in_one_line_and_all_corrupt_is_a_value_error(tmp_path):
+    paths = write_folder(tmp_path / 'f', n=4)
+    for p in paths[:8]: p.write_bytes(b'garbage')
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        t = load_folder_tensors(tmp_path / 'f', cache=False)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, CorruptImageWarning)]
+    assert len(t['images']) == 4 and len(t['corrupt']) == 8 and len(msgs) == 1 and msgs[0].startswith('skipped 8 corrupt')
+    ds = ImageFolderDataset(tmp_path / 'f')
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        [ds[i] for i in range(len(ds))]
+    msgs = [str(w.message) for w in rec if issubclass(w.category, CorruptImageWarning)]
+    assert ds.n_corrupt == 8 and len(msgs) == 5 and 'further corrupt images are skipped silently' in msgs[-1]
+    with pytest.warns(CorruptImageWarning, match='8 of the 12 files') as rec:
+        assert ImageFolderDataset(tmp_path / 'f', verify=True).n_corrupt == 8
+    assert len([w for w in rec if issubclass(w.category, CorruptImageWarning)]) == 1
+    for p in paths[8:]: p.write_bytes(b'garbage')
+    for make in (lambda: ImageFolderDataset(tmp_path / 'f')[0], lambda: ImageFolderDataset(tmp_path / 'f', verify=True),
+                 lambda: load_folder_tensors(tmp_path / 'f', cache=False)):
+        with pytest.raises(ValueError, match='every one of the 12 images .* is corrupt or unreadable'), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            make()
+
+
+def test_tiny_images_upscaled_more_than_2x_warn_once_with_the_count(tmp_path):
+    write_folder(tmp_path / 'f', n=2, size=(3, 3))
+    write_folder(tmp_path / 'f', classes=('d',), n=2, size=(20, 20), seed=1)
+    def upscale_warnings(fn):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter('always')
+            fn()
+        return [str(w.message) for w in rec if 'upscaled more than 2x' in str(w.message)]
+    w = upscale_warnings(lambda: load_folder_tensors(tmp_path / 'f', size=32, cache=False))
+    assert len(w) == 1 and w[0].startswith('6 of the 8 images') and '32 px' in w[0]
+    w = upscale_warnings(lambda: create_dataset(tmp_path / 'f', recipe='mae', size=32))
+    assert len(w) == 1 and w[0].startswith('6 of the 8 images')
+    assert upscale_warnings(lambda: load_folder_tensors(tmp_path / 'f', size=6, cache=False)) == []
+    assert upscale_warnings(lambda: create_dataset(tmp_path / 'f', recipe='mae', size=6)) == []
