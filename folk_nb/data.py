@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_data.ipynb #b6dc030a
 from __future__ import annotations
-import hashlib, math, os, shutil, tarfile, tempfile, warnings
+import hashlib, math, os, shutil, tarfile, tempfile, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 import torchvision
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -87,7 +88,7 @@ def _check_upscale(samples: list, size: int, root, k: int = 64) -> int:
     return small
 
 class ImageFolderDataset(ImageFolder):
-    "An `ImageFolder` (root/<class>/<image>) that skips corrupt images, warning once about each, and counts them."
+    "An `ImageFolder` (root/<class>/<image>) that skips corrupt images, counts them, and names the first few in warnings."
     def __init__(self,
                  root,                   # folder laid out as root/<class>/<image>
                  transform=None,         # callable on a PIL RGB image (default: `to_float_image`)
@@ -190,11 +191,12 @@ def _no_cifar10(root: Path) -> str:
             "a network (see data/README.md)")
 
 # %% ../nbs/20_data.ipynb #ca8aaa79
-def _extract_tar(archive: Path, dest: Path) -> None:
-    "Stream a tar archive into `dest`: folders and regular files only, no absolute paths or '..'."
-    made = set()
+def _extract_tar(archive: Path, dest: Path) -> int:  # files written
+    "Stream a tar archive into `dest`: folders and regular files only, no absolute paths or '..'; a progress bar."
+    made, n = set(), 0
     try:
-        with tarfile.open(archive, 'r:*') as tf:
+        with open(archive, 'rb') as raw, tarfile.open(fileobj=raw, mode='r:*') as tf, \
+             tqdm(total=archive.stat().st_size, desc=f'extracting {archive.name}', unit='B', unit_scale=True, leave=False) as bar:
             for m in tf:
                 parts = Path(m.name).parts
                 if m.name.startswith(('/', '\\')) or '..' in parts: raise ValueError(f"archive '{archive}' holds an unsafe path {m.name!r}")
@@ -203,7 +205,9 @@ def _extract_tar(archive: Path, dest: Path) -> None:
                 elif m.isfile():
                     if out.parent not in made: out.parent.mkdir(parents=True, exist_ok=True); made.add(out.parent)
                     with tf.extractfile(m) as src, open(out, 'wb') as dst: shutil.copyfileobj(src, dst)
+                    n += 1; bar.update(raw.tell() - bar.n)  # compressed bytes read so far
     except (tarfile.TarError, EOFError) as e: raise ValueError(f"archive '{archive}' is not a readable tar archive ({e})") from None
+    return n
 
 def prepare_cifar10(
     root=None,     # data folder (None: $FOLK_NB_DATA, else ./data); the tree goes to root/cifar10
@@ -225,13 +229,15 @@ def prepare_cifar10(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix='.cifar10-', dir=root))
     try:
-        _extract_tar(archive, tmp)
+        t0 = time.perf_counter()
+        n = _extract_tar(archive, tmp)
         if not _is_cifar10_tree(tmp / 'cifar10'):
             raise ValueError(f"archive '{archive}' does not hold cifar10/{{train,test}}/<class>/ folders")
         try: os.rename(tmp / 'cifar10', target)
         except OSError:  # another process finished first
             if not _is_cifar10_tree(target): raise
     finally: shutil.rmtree(tmp, ignore_errors=True)
+    print(f"note: extracted {n:,} files of '{archive}' into '{target}' in {time.perf_counter() - t0:.0f} s")
     return target
 
 # %% ../nbs/20_data.ipynb #0a68dafd
@@ -318,7 +324,7 @@ def _warn_corrupt(root: Path, corrupt: list) -> None:
         warnings.warn(f"skipped {len(corrupt)} corrupt or unreadable image(s) under '{root}': {', '.join(corrupt[:5])}"
                       f"{', ...' if len(corrupt) > 5 else ''}", CorruptImageWarning, stacklevel=3)
 
-def _write_cache(out: dict, paths: list, root: Path) -> None:
+def _write_cache(out: dict, paths: list, took: str) -> None:
     "Save `out` atomically to the first writable path of `paths`, saying where; warn if none is."
     errors = []
     for path in paths:
@@ -329,10 +335,9 @@ def _write_cache(out: dict, paths: list, root: Path) -> None:
             os.replace(tmp, path)
         except OSError as e:
             errors.append(f"'{path}': {e}"); tmp.unlink(missing_ok=True); continue
-        print(f"note: cached the {len(out['images'])} decoded images of '{root}' in '{path}' "
-              f"({path.stat().st_size / 1e6:.0f} MB); it is rebuilt when the files change")
+        print(f"note: {took}, cached in '{path}' ({path.stat().st_size / 1e6:.0f} MB; rebuilt when the files change)")
         return
-    warnings.warn(f"could not write a cache of '{root}' ({'; '.join(errors)}); the folder will be decoded again next time", stacklevel=3)
+    warnings.warn(f"could not write a cache of the {took} ({'; '.join(errors)}); the folder will be decoded again next time", stacklevel=3)
 
 def load_folder_tensors(
     root,                     # image folder laid out as root/<class>/<image>
@@ -353,8 +358,9 @@ def load_folder_tensors(
             if isinstance(c, dict) and c.get('signature') == sig:
                 _warn_corrupt(root, c['corrupt'])
                 return {k: c[k] for k in keys}
-    arrays, targets, files, corrupt, small = [], [], [], [], 0
-    for path, t in samples:
+    arrays, targets, files, corrupt, small, t0 = [], [], [], [], 0, time.perf_counter()
+    for path, t in tqdm(samples, desc=f'decoding {root.name}', unit=' images', mininterval=0.5, leave=False,
+                        disable=len(samples) < 1000):  # a bar for folders that take a while
         rel = path[n:]
         try: a, short = _decode(path, size)
         except READ_ERRORS: corrupt.append(rel); continue
@@ -367,7 +373,9 @@ def load_folder_tensors(
     if small: _warn_upscaled(small, len(arrays), root, size)
     out = dict(images=torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(),
                targets=torch.tensor(targets, dtype=torch.int64), classes=list(classes), files=files, corrupt=corrupt)
-    if cache: _write_cache({**out, 'signature': sig}, paths, root)
+    took = f"{len(arrays):,} images of '{root}' decoded in {time.perf_counter() - t0:.0f} s"
+    if cache: _write_cache({**out, 'signature': sig}, paths, took)
+    elif len(samples) >= 1000: print(f"note: {took}")
     return out
 
 # %% ../nbs/20_data.ipynb #4986c70c

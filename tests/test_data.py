@@ -593,7 +593,7 @@ def test_cache_rebuilt_when_a_file_changes_under_the_same_name(tmp_path, capsys)
     paths = write_folder(tmp_path / 'f', n=2)
     first = load_folder_tensors(tmp_path / 'f')
     note = capsys.readouterr().out
-    assert "note: cached the 6 decoded images" in note and str(tmp_path / 'f.native.uint8.pt') in note
+    assert "note: 6 images of" in note and "cached in" in note and str(tmp_path / 'f.native.uint8.pt') in note
     again = load_folder_tensors(tmp_path / 'f')
     assert torch.equal(again['images'], first['images']) and capsys.readouterr().out == ''  # reused: silent
     st = paths[0].stat()
@@ -603,7 +603,9 @@ def test_cache_rebuilt_when_a_file_changes_under_the_same_name(tmp_path, capsys)
     assert t['images'][0, :, 0, 0].tolist() == [7, 8, 9] and not torch.equal(t['images'], first['images'])
     paths[1].write_bytes(paths[1].read_bytes() + b'\0')                       # size changes, mtime kept
     os.utime(paths[1], ns=(st.st_atime_ns, paths[1].stat().st_mtime_ns))
-    assert 'note: cached' in (capsys.readouterr(), load_folder_tensors(tmp_path / 'f'), capsys.readouterr().out)[2]
+    capsys.readouterr()
+    load_folder_tensors(tmp_path / 'f')
+    assert 'cached in' in capsys.readouterr().out
 
 
 def test_cache_falls_back_to_user_cache_dir_when_parent_is_not_writable(tmp_path, monkeypatch, capsys):
@@ -665,3 +667,23 @@ def test_tiny_images_upscaled_more_than_2x_warn_once_with_the_count(tmp_path):
     assert len(w) == 1 and w[0].startswith('6 of the 8 images')
     assert upscale_warnings(lambda: load_folder_tensors(tmp_path / 'f', size=6, cache=False)) == []
     assert upscale_warnings(lambda: create_dataset(tmp_path / 'f', recipe='mae', size=6)) == []
+
+
+def test_first_use_shows_progress_and_a_summary_reuse_is_silent(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv('FOLK_NB_CIFAR10_ARCHIVE', raising=False)
+    _tiny_cifar_archive(tmp_path / 'tiny.tar.gz', n=1)
+    prepare_cifar10(tmp_path / 'data', archive=tmp_path / 'tiny.tar.gz')
+    out, err = capsys.readouterr()
+    assert out.startswith('note: extracted 20 files of') and out.count('\n') == 1 and 'extracting tiny.tar.gz' in err
+    prepare_cifar10(tmp_path / 'data', archive=tmp_path / 'tiny.tar.gz')
+    dataset_tensors('cifar10', 'test', root=tmp_path / 'data')
+    out, err = capsys.readouterr()
+    assert out.startswith('note: 10 images of') and 'cached in' in out and out.count('\n') == 1
+    dataset_tensors('cifar10', 'test', root=tmp_path / 'data')   # extracted and cached: nothing printed
+    assert capsys.readouterr() == ('', '')
+    # a folder large enough to take a while gets a decoding bar
+    (tmp_path / 'big' / 'x').mkdir(parents=True)
+    for i in range(1000): Image.new('RGB', (2, 2), (i % 256, 0, 0)).save(tmp_path / 'big' / 'x' / f'{i:04d}.png')
+    load_folder_tensors(tmp_path / 'big', cache=False)
+    out, err = capsys.readouterr()
+    assert 'decoding big' in err and out.startswith("note: 1,000 images of") and 'decoded in' in out
