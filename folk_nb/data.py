@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_data.ipynb #b6dc030a
 from __future__ import annotations
-import math, os, shutil, tarfile, tempfile, warnings
+import hashlib, math, os, shutil, tarfile, tempfile, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 import torchvision
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -27,7 +28,7 @@ __all__ = ['READ_ERRORS', 'CIFAR10_CLASSES', 'CIFAR10_ARCHIVE', 'DATASETS', 'DAT
            'download_cifar10', 'create_dataset', 'load_folder_tensors', 'dataset_tensors', 'channel_stats', 'ViewSpec',
            'view_specs', 'RandomResizedCropFlip', 'ViewTransform', 'MultiViewTransform', 'make_transform',
            'ViewsDataset', 'sample_crop_boxes', 'resized_crop', 'color_jitter', 'gaussian_blur', 'augment_batch',
-           'GPUDataLoader', 'EpochDataLoader', 'create_loader']
+           'GPUDataLoader', 'SeededSampler', 'EpochDataLoader', 'create_loader']
 
 # %% ../nbs/20_data.ipynb #84492e4f
 class CorruptImageWarning(UserWarning):
@@ -56,7 +57,8 @@ def _check_folder(root: Path, name: str = 'root') -> None:
     "Raise a clear error unless `root` is an existing folder."
     if not root.exists(): raise FileNotFoundError(f"{name} '{root}' does not exist; expected a folder laid out as {name}/<class>/<image>")
     if not root.is_dir(): raise ValueError(f"{name} '{root}' is a file, not a folder; expected a folder laid out as {name}/<class>/<image>")
-    if not any(e.is_dir() for e in os.scandir(root)):
+    with os.scandir(root) as it: has_dirs = any(e.is_dir() for e in it)
+    if not has_dirs:
         raise ValueError(f"{name} '{root}' holds no class folders; expected a folder laid out as {name}/<class>/<image>, e.g. {name}/cat/0001.jpg")
 
 def _scan_folder(root: Path) -> tuple:
@@ -68,8 +70,25 @@ def _scan_folder(root: Path) -> tuple:
         raise ValueError(f"root '{root}' holds no image files in its class folders ({e})") from None
     return classes, class_to_idx, samples
 
+def _warn_upscaled(n_small: int, n: int, root, size: int, checked: str = '') -> None:
+    "One warning, with the count, about images blown up more than 2x to `size`."
+    warnings.warn(f"{n_small} of the {n} images{checked} under '{root}' are upscaled more than 2x to {size} px (shorter side "
+                  f"under {size / 2:g} px); they carry little detail at that size: pass a smaller size, or check the images",
+                  stacklevel=3)
+
+def _check_upscale(samples: list, size: int, root, k: int = 64) -> int:
+    "Read the headers of up to `k` evenly spaced files; warn once if some are under half of `size`; their count."
+    pick = samples[::max(1, len(samples) // k)][:k]
+    small = 0
+    for path, _ in pick:
+        try:
+            with Image.open(path) as img: small += size > 2 * min(img.size)
+        except READ_ERRORS: pass  # corrupt files are reported when read
+    if small: _warn_upscaled(small, len(pick), root, size, '' if len(pick) == len(samples) else ' checked')
+    return small
+
 class ImageFolderDataset(ImageFolder):
-    "An `ImageFolder` (root/<class>/<image>) that skips corrupt images, warning once about each, and counts them."
+    "An `ImageFolder` (root/<class>/<image>) that skips corrupt images, counts them, and names the first few in warnings."
     def __init__(self,
                  root,                   # folder laid out as root/<class>/<image>
                  transform=None,         # callable on a PIL RGB image (default: `to_float_image`)
@@ -85,13 +104,28 @@ class ImageFolderDataset(ImageFolder):
             for i, (path, _) in enumerate(self.samples):
                 try:
                     with Image.open(path) as img: img.size
-                except READ_ERRORS as e: self._mark_bad(i, e)
+                except READ_ERRORS: self.bad[i] = True
+            if self.n_corrupt == len(self.samples): raise ValueError(self._all_bad())
+            if self.n_corrupt:
+                bad = self.corrupt_files
+                warnings.warn(f"{len(bad)} of the {len(self.samples)} files under '{root}' are not readable images and will be "
+                              f"skipped (see n_corrupt, corrupt_files): {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}",
+                              CorruptImageWarning, stacklevel=2)
+
+    MAX_WARNINGS = 5  # corrupt files named one by one; later ones are only counted
+
+    def _all_bad(self) -> str:
+        return f"every one of the {len(self.samples)} images under '{self.root}' is corrupt or unreadable"
 
     def _mark_bad(self, i: int, err: Exception) -> None:
         if self.bad[i]: return
         self.bad[i] = True
-        warnings.warn(f"skipping corrupt or unreadable image '{self.samples[i][0]}' ({type(err).__name__}: {err}); "
-                      "the next readable image is used in its place", CorruptImageWarning, stacklevel=3)
+        k = self.n_corrupt
+        if k <= self.MAX_WARNINGS:
+            warnings.warn(f"skipping corrupt or unreadable image '{self.samples[i][0]}' ({type(err).__name__}: {err}); "
+                          "the next readable image is used in its place"
+                          + ("; further corrupt images are skipped silently (see n_corrupt)" if k == self.MAX_WARNINGS else ""),
+                          CorruptImageWarning, stacklevel=3)
 
     @property
     def n_corrupt(self) -> int: return int(self.bad.sum())
@@ -113,7 +147,7 @@ class ImageFolderDataset(ImageFolder):
             if self.transform is not None: img = self.transform(img)
             if self.target_transform is not None: target = self.target_transform(target)
             return img, target
-        raise RuntimeError(f"every one of the {n} images under '{self.root}' is corrupt or unreadable")
+        raise ValueError(self._all_bad())
 
 # %% ../nbs/20_data.ipynb #1903b993
 class SampleDataset(torch.utils.data.Dataset):
@@ -157,11 +191,12 @@ def _no_cifar10(root: Path) -> str:
             "a network (see data/README.md)")
 
 # %% ../nbs/20_data.ipynb #ca8aaa79
-def _extract_tar(archive: Path, dest: Path) -> None:
-    "Stream a tar archive into `dest`: folders and regular files only, no absolute paths or '..'."
-    made = set()
+def _extract_tar(archive: Path, dest: Path) -> int:  # files written
+    "Stream a tar archive into `dest`: folders and regular files only, no absolute paths or '..'; a progress bar."
+    made, n = set(), 0
     try:
-        with tarfile.open(archive, 'r:*') as tf:
+        with open(archive, 'rb') as raw, tarfile.open(fileobj=raw, mode='r:*') as tf, \
+             tqdm(total=archive.stat().st_size, desc=f'extracting {archive.name}', unit='B', unit_scale=True, leave=False) as bar:
             for m in tf:
                 parts = Path(m.name).parts
                 if m.name.startswith(('/', '\\')) or '..' in parts: raise ValueError(f"archive '{archive}' holds an unsafe path {m.name!r}")
@@ -170,7 +205,9 @@ def _extract_tar(archive: Path, dest: Path) -> None:
                 elif m.isfile():
                     if out.parent not in made: out.parent.mkdir(parents=True, exist_ok=True); made.add(out.parent)
                     with tf.extractfile(m) as src, open(out, 'wb') as dst: shutil.copyfileobj(src, dst)
+                    n += 1; bar.update(raw.tell() - bar.n)  # compressed bytes read so far
     except (tarfile.TarError, EOFError) as e: raise ValueError(f"archive '{archive}' is not a readable tar archive ({e})") from None
+    return n
 
 def prepare_cifar10(
     root=None,     # data folder (None: $FOLK_NB_DATA, else ./data); the tree goes to root/cifar10
@@ -192,13 +229,15 @@ def prepare_cifar10(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix='.cifar10-', dir=root))
     try:
-        _extract_tar(archive, tmp)
+        t0 = time.perf_counter()
+        n = _extract_tar(archive, tmp)
         if not _is_cifar10_tree(tmp / 'cifar10'):
             raise ValueError(f"archive '{archive}' does not hold cifar10/{{train,test}}/<class>/ folders")
         try: os.rename(tmp / 'cifar10', target)
         except OSError:  # another process finished first
             if not _is_cifar10_tree(target): raise
     finally: shutil.rmtree(tmp, ignore_errors=True)
+    print(f"note: extracted {n:,} files of '{archive}' into '{target}' in {time.perf_counter() - t0:.0f} s")
     return target
 
 # %% ../nbs/20_data.ipynb #0a68dafd
@@ -259,50 +298,84 @@ def create_dataset(
     else:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(map(repr, DATASETS))} or the path of an image "
                          f"folder (no folder {name!r} exists)")
-    return ds if recipe is None else ViewsDataset(ds, make_transform(recipe, size or native))
+    if recipe is None: return ds
+    if isinstance(ds, ImageFolderDataset): _check_upscale(ds.samples, size or native, ds.root)
+    return ViewsDataset(ds, make_transform(recipe, size or native))
 
 # %% ../nbs/20_data.ipynb #d5e74187
-def _decode(path: str, size: int | None) -> np.ndarray:
+def _decode(path: str, size: int | None) -> tuple:  # (H x W x 3 uint8 array, side of the source image's shorter edge)
     img = read_rgb(path)
+    short = min(img.size)
     if size is not None: img = ImageOps.fit(img, (size, size), Image.BICUBIC)
-    return np.asarray(img)
+    return np.asarray(img), short
+
+def _cache_paths(root: Path, size: int | None) -> list:
+    "Where the cache of `root` may live: beside the folder, else under the user cache folder ($XDG_CACHE_HOME or ~/.cache)."
+    name = f"{root.name}.{'native' if size is None else size}.uint8.pt"
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    return [root.parent / name, Path(os.environ.get('XDG_CACHE_HOME') or '~/.cache').expanduser() / 'folk_nb' / f'{key}-{name}']
+
+def _signature(samples: list, n: int) -> list:
+    "[relative path, bytes, mtime_ns] of every file: a cache is valid while this matches."
+    return [[p[n:], st.st_size, st.st_mtime_ns] for p, st in ((p, os.stat(p)) for p, _ in samples)]
+
+def _warn_corrupt(root: Path, corrupt: list) -> None:
+    if corrupt:
+        warnings.warn(f"skipped {len(corrupt)} corrupt or unreadable image(s) under '{root}': {', '.join(corrupt[:5])}"
+                      f"{', ...' if len(corrupt) > 5 else ''}", CorruptImageWarning, stacklevel=3)
+
+def _write_cache(out: dict, paths: list, took: str) -> None:
+    "Save `out` atomically to the first writable path of `paths`, saying where; warn if none is."
+    errors = []
+    for path in paths:
+        tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(out, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            errors.append(f"'{path}': {e}"); tmp.unlink(missing_ok=True); continue
+        print(f"note: {took}, cached in '{path}' ({path.stat().st_size / 1e6:.0f} MB; rebuilt when the files change)")
+        return
+    warnings.warn(f"could not write a cache of the {took} ({'; '.join(errors)}); the folder will be decoded again next time", stacklevel=3)
 
 def load_folder_tensors(
     root,                     # image folder laid out as root/<class>/<image>
     size: int | None = None,  # resize every image to size x size (centre crop); None: all must share one size
-    cache: bool = True,       # read / write the cache file next to the folder
+    cache: bool = True,       # read / write the cache file next to the folder (or under the user cache folder)
 ) -> dict:                    # images (N, 3, H, W) uint8, targets (N,) int64, classes, files, corrupt
     "Decode a whole image folder into one uint8 tensor, cached next to the folder."
     root = Path(root).expanduser()
     classes, _, samples = _scan_folder(root)
     n = len(str(root)) + 1
-    scanned = [p[n:] for p, _ in samples]  # paths relative to root
-    cache_file = root.parent / f"{root.name}.{'native' if size is None else size}.uint8.pt"
-    if cache and cache_file.is_file():
-        try: c = torch.load(cache_file, weights_only=True, mmap=True)
-        except Exception: c = None  # unreadable cache: rebuild it
-        if c is not None and c.get('scanned') == scanned: return {k: c[k] for k in ('images', 'targets', 'classes', 'files', 'corrupt')}
-    arrays, targets, files, corrupt = [], [], [], []
-    for (path, t), rel in zip(samples, scanned):
-        try: a = _decode(path, size)
-        except READ_ERRORS as e:
-            warnings.warn(f"skipping corrupt or unreadable image '{path}' ({type(e).__name__}: {e})", CorruptImageWarning, stacklevel=2)
-            corrupt.append(rel); continue
+    keys = ('images', 'targets', 'classes', 'files', 'corrupt')
+    if cache:
+        sig, paths = _signature(samples, n), _cache_paths(root, size)
+        for path in paths:
+            if not path.is_file(): continue
+            try: c = torch.load(path, weights_only=True, mmap=True)
+            except Exception: continue  # unreadable cache: rebuild it
+            if isinstance(c, dict) and c.get('signature') == sig:
+                _warn_corrupt(root, c['corrupt'])
+                return {k: c[k] for k in keys}
+    arrays, targets, files, corrupt, small, t0 = [], [], [], [], 0, time.perf_counter()
+    for path, t in tqdm(samples, desc=f'decoding {root.name}', unit=' images', mininterval=0.5, leave=False,
+                        disable=len(samples) < 1000):  # a bar for folders that take a while
+        rel = path[n:]
+        try: a, short = _decode(path, size)
+        except READ_ERRORS: corrupt.append(rel); continue
         if arrays and a.shape != arrays[0].shape:
             raise ValueError(f"images under '{root}' differ in size: '{files[0]}' is {arrays[0].shape[1]}x{arrays[0].shape[0]}, "
                              f"'{rel}' is {a.shape[1]}x{a.shape[0]}; pass size= to resize them all to one square size")
-        arrays.append(a); targets.append(t); files.append(rel)
-    if not arrays: raise ValueError(f"every image under '{root}' is corrupt or unreadable")
+        arrays.append(a); targets.append(t); files.append(rel); small += size is not None and size > 2 * short
+    if not arrays: raise ValueError(f"every one of the {len(samples)} images under '{root}' is corrupt or unreadable")
+    _warn_corrupt(root, corrupt)
+    if small: _warn_upscaled(small, len(arrays), root, size)
     out = dict(images=torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(),
                targets=torch.tensor(targets, dtype=torch.int64), classes=list(classes), files=files, corrupt=corrupt)
-    if cache:
-        tmp = cache_file.with_name(f'.{cache_file.name}.{os.getpid()}.tmp')
-        try:
-            torch.save({**out, 'scanned': scanned}, tmp)
-            os.replace(tmp, cache_file)
-        except OSError as e:
-            warnings.warn(f"could not write the cache '{cache_file}' ({e}); the folder will be decoded again next time", stacklevel=2)
-            tmp.unlink(missing_ok=True)
+    took = f"{len(arrays):,} images of '{root}' decoded in {time.perf_counter() - t0:.0f} s"
+    if cache: _write_cache({**out, 'signature': sig}, paths, took)
+    elif len(samples) >= 1000: print(f"note: {took}")
     return out
 
 # %% ../nbs/20_data.ipynb #4986c70c
@@ -496,9 +569,19 @@ class ViewsDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int: return len(self.base)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self,
+                    index,  # an int, or (int, seed): draw the views from a CPU RNG seeded with `seed` (global RNG untouched)
+                   ) -> dict:
+        seed = None
+        if isinstance(index, (tuple, list)): index, seed = index
         img, target = self.base[index]
-        return {**self.transform(img), 'target': target, 'index': index}
+        if seed is None: return {**self.transform(img), 'target': target, 'index': index}
+        state = torch.get_rng_state()
+        try:
+            torch.default_generator.manual_seed(int(seed))  # CPU only: safe in forked workers
+            views = self.transform(img)
+        finally: torch.set_rng_state(state)
+        return {**views, 'target': target, 'index': index}
 
 # %% ../nbs/20_data.ipynb #f873edb9
 def sample_crop_boxes(
@@ -768,6 +851,22 @@ class GPUDataLoader:
             yield dict(views=[o[0] for o in out], boxes=[o[1] for o in out], flipped=[o[2] for o in out],
                        target=self.targets[i], index=i)
 
+# %% ../nbs/20_data.ipynb #0c5a9382
+class SeededSampler(torch.utils.data.Sampler):
+    "Wraps a `DistributedSampler`: yields (index, seed) pairs, each seed a function of (seed, epoch, rank, position)."
+    def __init__(self,
+                 sampler,         # a DistributedSampler (has set_epoch, epoch, rank)
+                 seed: int = 0,   # seeds the augmentations
+                ):
+        self.sampler, self.seed = sampler, seed
+
+    def set_epoch(self, epoch: int) -> None: self.sampler.set_epoch(epoch)
+    def __len__(self) -> int: return len(self.sampler)
+
+    def __iter__(self):
+        e, r = self.sampler.epoch, getattr(self.sampler, 'rank', 0)
+        for pos, i in enumerate(self.sampler): yield int(i), _mix(self.seed, e, r, pos)
+
 # %% ../nbs/20_data.ipynb #143332b1
 class EpochDataLoader(torch.utils.data.DataLoader):
     "A DataLoader whose `DistributedSampler` moves to the next epoch at each `iter()` (or at `set_epoch`)."
@@ -814,6 +913,7 @@ def create_loader(
                                           epoch_size=epoch_size, rank=rank, world_size=world_size, device=device, size=size)
     ds = create_dataset(name_or_path, split, root, recipe=recipe, size=size, download=download, archive=archive)
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = SeededSampler(sampler, seed)  # per-item augmentation seeds: exact resume, any num_workers
     return EpochDataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                            pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                            generator=torch.Generator().manual_seed(seed))

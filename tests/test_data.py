@@ -4,6 +4,7 @@ References are independent of the library: files decoded one by one with PIL / n
 torchvision's own per-image functional ops and RandomResizedCrop.get_params.
 """
 import math
+import os
 import socket
 import tarfile
 import warnings
@@ -542,3 +543,147 @@ def test_cpu_and_device_loaders_yield_the_same_format():
     for k in ('target', 'index'):
         assert bg[k].shape == bc[k].shape and bg[k].dtype == bc[k].dtype == torch.int64
     assert len(gpu) == len(cpu) == len(D.sample_names()) // 5
+
+
+# ---------------------------------------------------------------- exact resume on an image folder (CPU loader)
+
+def _folder_run(folder, out, stop_at=None, resume=False, num_workers=0):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / 'scripts'))
+    from toy import NoisyToy
+    from folk_nb.trainer import Trainer, TrainConfig
+    torch.manual_seed(0)
+    model = NoisyToy()
+    loader = create_loader(folder, recipe='moco', size=8, batch_size=4, resident=False, num_workers=num_workers, seed=5)
+    t = Trainer(model, loader, TrainConfig(epochs=3, lr=5e-3, warmup_steps=1, out_dir=str(out), progress=False,
+                                          log_every=1, deterministic=True))
+    if resume:
+        torch.manual_seed(123); torch.rand(10)  # a new process would have other RNG states
+        t.resume()
+    return model, t.fit(stop_at=stop_at)
+
+
+@pytest.mark.parametrize('stop_at', [3, 6])  # mid-epoch 0, and mid-epoch 1 (3 batches per epoch)
+def test_image_folder_resume_is_bit_identical(tmp_path, stop_at):
+    write_folder(tmp_path / 'imgs', classes=('a', 'b'), n=6, size=(10, 10))
+    straight, s = _folder_run(tmp_path / 'imgs', tmp_path / 'a')
+    _, p = _folder_run(tmp_path / 'imgs', tmp_path / 'b', stop_at=stop_at)
+    assert p['status'] == 'paused' and p['steps'] == stop_at
+    resumed, r = _folder_run(tmp_path / 'imgs', tmp_path / 'b', resume=True)
+    assert s['steps'] == r['steps'] == 9
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_image_folder_views_do_not_depend_on_workers_or_global_rng(tmp_path):
+    write_folder(tmp_path / 'imgs', classes=('a', 'b'), n=4, size=(10, 10))
+    def batches(nw, seed):
+        torch.manual_seed(seed)
+        dl = create_loader(tmp_path / 'imgs', recipe='moco', size=8, batch_size=4, resident=False, num_workers=nw, seed=1)
+        dl.set_epoch(1)
+        return [b['views'][1] for b in dl]
+    a = batches(0, 0)
+    for b in (batches(0, 99), batches(2, 7)):
+        assert len(a) == len(b) == 2 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- folder cache: validity, location; corrupt and tiny images
+
+def test_cache_rebuilt_when_a_file_changes_under_the_same_name(tmp_path, capsys):
+    paths = write_folder(tmp_path / 'f', n=2)
+    first = load_folder_tensors(tmp_path / 'f')
+    note = capsys.readouterr().out
+    assert "note: 6 images of" in note and "cached in" in note and str(tmp_path / 'f.native.uint8.pt') in note
+    again = load_folder_tensors(tmp_path / 'f')
+    assert torch.equal(again['images'], first['images']) and capsys.readouterr().out == ''  # reused: silent
+    st = paths[0].stat()
+    Image.new('RGB', (16, 12), (7, 8, 9)).save(paths[0])                    # repaired / rewritten, same name
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    t = load_folder_tensors(tmp_path / 'f')
+    assert t['images'][0, :, 0, 0].tolist() == [7, 8, 9] and not torch.equal(t['images'], first['images'])
+    paths[1].write_bytes(paths[1].read_bytes() + b'\0')                       # size changes, mtime kept
+    os.utime(paths[1], ns=(st.st_atime_ns, paths[1].stat().st_mtime_ns))
+    capsys.readouterr()
+    load_folder_tensors(tmp_path / 'f')
+    assert 'cached in' in capsys.readouterr().out
+
+
+def test_cache_falls_back_to_user_cache_dir_when_parent_is_not_writable(tmp_path, monkeypatch, capsys):
+    write_folder(tmp_path / 'ro' / 'f', n=2)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    real_save = torch.save
+    def save(obj, f, *a, **k):  # the folder's parent refuses writes, as a read-only mount would
+        if Path(f).parent == tmp_path / 'ro': raise PermissionError(13, 'Permission denied', str(f))
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', save)
+    t = load_folder_tensors(tmp_path / 'ro' / 'f')
+    out = capsys.readouterr().out
+    cached = list((tmp_path / 'xdg' / 'folk_nb').glob('*-f.native.uint8.pt'))
+    assert len(cached) == 1 and str(cached[0]) in out and not list((tmp_path / 'ro').glob('*.pt'))
+    assert torch.equal(load_folder_tensors(tmp_path / 'ro' / 'f')['images'], t['images']) and capsys.readouterr().out == ''
+    # nowhere writable: a warning, and the images all the same
+    monkeypatch.setattr(torch, 'save', lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, 'Permission denied')))
+    with pytest.warns(UserWarning, match='could not write a cache'):
+        t8 = load_folder_tensors(tmp_path / 'ro' / 'f', size=8)
+    assert t8['images'].shape == (6, 3, 8, 8) and not list((tmp_path / 'xdg' / 'folk_nb').glob('*-f.8.uint8.pt'))
+
+
+def test_corrupt_images_reported_in_one_line_and_all_corrupt_is_a_value_error(tmp_path):
+    paths = write_folder(tmp_path / 'f', n=4)
+    for p in paths[:8]: p.write_bytes(b'garbage')
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        t = load_folder_tensors(tmp_path / 'f', cache=False)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, CorruptImageWarning)]
+    assert len(t['images']) == 4 and len(t['corrupt']) == 8 and len(msgs) == 1 and msgs[0].startswith('skipped 8 corrupt')
+    ds = ImageFolderDataset(tmp_path / 'f')
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        [ds[i] for i in range(len(ds))]
+    msgs = [str(w.message) for w in rec if issubclass(w.category, CorruptImageWarning)]
+    assert ds.n_corrupt == 8 and len(msgs) == 5 and 'further corrupt images are skipped silently' in msgs[-1]
+    with pytest.warns(CorruptImageWarning, match='8 of the 12 files') as rec:
+        assert ImageFolderDataset(tmp_path / 'f', verify=True).n_corrupt == 8
+    assert len([w for w in rec if issubclass(w.category, CorruptImageWarning)]) == 1
+    for p in paths[8:]: p.write_bytes(b'garbage')
+    for make in (lambda: ImageFolderDataset(tmp_path / 'f')[0], lambda: ImageFolderDataset(tmp_path / 'f', verify=True),
+                 lambda: load_folder_tensors(tmp_path / 'f', cache=False)):
+        with pytest.raises(ValueError, match='every one of the 12 images .* is corrupt or unreadable'), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            make()
+
+
+def test_tiny_images_upscaled_more_than_2x_warn_once_with_the_count(tmp_path):
+    write_folder(tmp_path / 'f', n=2, size=(3, 3))
+    write_folder(tmp_path / 'f', classes=('d',), n=2, size=(20, 20), seed=1)
+    def upscale_warnings(fn):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter('always')
+            fn()
+        return [str(w.message) for w in rec if 'upscaled more than 2x' in str(w.message)]
+    w = upscale_warnings(lambda: load_folder_tensors(tmp_path / 'f', size=32, cache=False))
+    assert len(w) == 1 and w[0].startswith('6 of the 8 images') and '32 px' in w[0]
+    w = upscale_warnings(lambda: create_dataset(tmp_path / 'f', recipe='mae', size=32))
+    assert len(w) == 1 and w[0].startswith('6 of the 8 images')
+    assert upscale_warnings(lambda: load_folder_tensors(tmp_path / 'f', size=6, cache=False)) == []
+    assert upscale_warnings(lambda: create_dataset(tmp_path / 'f', recipe='mae', size=6)) == []
+
+
+def test_first_use_shows_progress_and_a_summary_reuse_is_silent(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv('FOLK_NB_CIFAR10_ARCHIVE', raising=False)
+    _tiny_cifar_archive(tmp_path / 'tiny.tar.gz', n=1)
+    prepare_cifar10(tmp_path / 'data', archive=tmp_path / 'tiny.tar.gz')
+    out, err = capsys.readouterr()
+    assert out.startswith('note: extracted 20 files of') and out.count('\n') == 1 and 'extracting tiny.tar.gz' in err
+    prepare_cifar10(tmp_path / 'data', archive=tmp_path / 'tiny.tar.gz')
+    dataset_tensors('cifar10', 'test', root=tmp_path / 'data')
+    out, err = capsys.readouterr()
+    assert out.startswith('note: 10 images of') and 'cached in' in out and out.count('\n') == 1
+    dataset_tensors('cifar10', 'test', root=tmp_path / 'data')   # extracted and cached: nothing printed
+    assert capsys.readouterr() == ('', '')
+    # a folder large enough to take a while gets a decoding bar
+    (tmp_path / 'big' / 'x').mkdir(parents=True)
+    for i in range(1000): Image.new('RGB', (2, 2), (i % 256, 0, 0)).save(tmp_path / 'big' / 'x' / f'{i:04d}.png')
+    load_folder_tensors(tmp_path / 'big', cache=False)
+    out, err = capsys.readouterr()
+    assert 'decoding big' in err and out.startswith("note: 1,000 images of") and 'decoded in' in out
