@@ -269,7 +269,7 @@ def run_pretrain(args: dict) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(out / 'args.json', {k: v for k, v in a.items() if k != 'resume'})
     try: return trainer.fit()
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         if info.is_main and fresh and not ckpt.exists() and _is_corrupt_data_error(e):
             shutil.rmtree(out, ignore_errors=True)        # a run that never took a step leaves no folder behind
         raise
@@ -277,7 +277,7 @@ def run_pretrain(args: dict) -> dict:
 def _is_corrupt_data_error(e: BaseException) -> bool:
     "Whether `e` is the data code's 'every image is corrupt' error (also when re-raised from a loader worker)."
     from folk_nb.trainer import NonFiniteLossError
-    return isinstance(e, RuntimeError) and not isinstance(e, NonFiniteLossError) and 'is corrupt or unreadable' in str(e)
+    return isinstance(e, (RuntimeError, ValueError)) and not isinstance(e, NonFiniteLossError) and 'is corrupt or unreadable' in str(e)
 
 def _one_line(e: BaseException) -> str:
     "The line of a (possibly multi-line, worker re-raised) error message that says what is wrong."

@@ -244,7 +244,7 @@ def test_value_checks_option_is_validated():
 
 class _SlowingToy(NoisyToy):
     "NoisyToy whose steps take `fast` s, then `slow` s after `after` forward calls; records the schedule positions."
-    def __init__(self, after, fast=0.004, slow=0.016):
+    def __init__(self, after, fast=0.004, slow=0.04):
         super().__init__(); self.after, self.fast, self.slow, self.calls, self.seen = after, fast, slow, 0, []
     def schedule(self, step, total_steps, **kw):
         self.seen.append(step); return super().schedule(step, total_steps)
@@ -254,7 +254,7 @@ class _SlowingToy(NoisyToy):
 
 
 def test_time_budget_schedules_run_on_time_and_end_with_the_budget(tmp_path):
-    "Steps 4x slower after calibration: far fewer steps than fitted, yet the schedules reach their end with the budget."
+    "Steps 10x slower after calibration: far fewer steps than fitted, yet the schedules reach their end with the budget."
     m = _SlowingToy(after=25 + 20)                       # calibration (5 + 20 calls), then 20 steps at calibrated speed
     t = Trainer(m, FixedLoader(), config(tmp_path, epochs=100_000, time_budget_min=0.02, warmup_steps=None, min_lr=0.0,
                                          log_every=10_000, ckpt_every=10 ** 6, deterministic=False))
