@@ -198,10 +198,6 @@ def check_resume_args(args: dict, saved: dict) -> None:
     if diff: raise ValueError(f"cannot resume: the run was started with other options (args.json, this run): "
                               f"{ {'--' + k.replace('_', '-'): v for k, v in diff.items()} }. Resume with the same ones, or use a new --out")
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(json.dumps(obj, indent=2)); os.replace(tmp, path)
-
 def _build_method_clearly(a: dict, n_images):
     "`build_method`, with errors from the model or method constructor naming the option that caused them."
     try: return build_method(a, n_images)
@@ -221,7 +217,7 @@ def _knn_on_training_images(data) -> bool:
 
 def run_pretrain(args: dict) -> dict:
     "Run (or resume) pre-training from resolved options; returns the trainer's summary."
-    from folk_nb.trainer import Trainer, TrainConfig, setup_distributed
+    from folk_nb.trainer import Trainer, TrainConfig, setup_distributed, atomic_write_text
     a = resolve_defaults(args)
     out = Path(a['out'])
     ckpt = out / 'checkpoints' / 'last.pt'
@@ -267,7 +263,7 @@ def run_pretrain(args: dict) -> dict:
     fresh = not out.exists() or not any(out.iterdir())    # nothing of an earlier run here
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / 'args.json', {k: v for k, v in a.items() if k != 'resume'})
+        atomic_write_text(json.dumps({k: v for k, v in a.items() if k != 'resume'}, indent=2), out / 'args.json')
     try: return trainer.fit()
     except (RuntimeError, ValueError) as e:
         if info.is_main and fresh and not ckpt.exists() and _is_corrupt_data_error(e):
@@ -375,7 +371,7 @@ def demo_main(argv=None):
     import shutil
     from folk_nb.images import sample_names, sample_images
     from folk_nb.report import write_html_report, mask_gallery
-    from folk_nb.trainer import load_checkpoint
+    from folk_nb.trainer import load_checkpoint, atomic_write_text
     ap = argparse.ArgumentParser(prog='folk_nb_demo', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description='Pre-train briefly on the embedded sample images and write an HTML report.')
     ap.add_argument('--method', default='folk', choices=METHOD_NAMES)
@@ -401,7 +397,7 @@ def demo_main(argv=None):
     args = resolve_defaults(parse_args(argv_run))
     summary = run_pretrain(args)
     saved = json.loads((run_dir / 'args.json').read_text()); saved['demo'] = True
-    (run_dir / 'args.json').write_text(json.dumps(saved, indent=2))
+    atomic_write_text(json.dumps(saved, indent=2), run_dir / 'args.json')
     ckpt = load_checkpoint(run_dir / 'checkpoints' / 'last.pt')
     from folk_nb.methods import create_method
     method = create_method(ckpt['method'], **ckpt['method_config'])

@@ -326,15 +326,11 @@ def _warn_corrupt(root: Path, corrupt: list) -> None:
 
 def _write_cache(out: dict, paths: list, took: str) -> None:
     "Save `out` atomically to the first writable path of `paths`, saying where; warn if none is."
+    from folk_nb.trainer import atomic_save      # lazily: the trainer module comes later in the library
     errors = []
     for path in paths:
-        tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(out, tmp)
-            os.replace(tmp, path)
-        except OSError as e:
-            errors.append(f"'{path}': {e}"); tmp.unlink(missing_ok=True); continue
+        try: atomic_save(out, path)
+        except OSError as e: errors.append(f"'{path}': {e}"); continue
         print(f"note: {took}, cached in '{path}' ({path.stat().st_size / 1e6:.0f} MB; rebuilt when the files change)")
         return
     warnings.warn(f"could not write a cache of the {took} ({'; '.join(errors)}); the folder will be decoded again next time", stacklevel=3)

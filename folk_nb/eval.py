@@ -654,13 +654,8 @@ def write_result(
     stamp = re.sub(r'[^0-9T]', '', r['date'][:19])
     name = '_'.join(_slug(r[k]) for k in ('method', 'model', 'data', 'protocol', 'metric'))
     path = folder / f"{stamp}_{name}_{uuid.uuid4().hex[:6]}.json"
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        tmp.write_text(json.dumps(r, indent=2, allow_nan=False) + '\n')
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
+    from folk_nb.trainer import atomic_write_text
+    return atomic_write_text(json.dumps(r, indent=2, allow_nan=False) + '\n', path)
 
 def read_results(
     results_dir='results',  # folder of the JSON records

@@ -4,13 +4,13 @@
 
 # %% ../nbs/44_export.ipynb #37673b27
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse, json, sys, time
 from pathlib import Path
 import torch
 from torch import nn
 from .methods import Method, method_from_checkpoint
 from .models import Backbone, create_backbone, IMAGENET_MEAN, IMAGENET_STD
-from .trainer import atomic_save
+from .trainer import atomic_save, atomic_write_text
 
 # %% auto #0
 __all__ = ['EXPORT_FORMAT', 'encoders', 'encoder_facts', 'export_encoder', 'read_export', 'load_encoder', 'main',
@@ -59,14 +59,6 @@ def _checkpoint_facts(path: Path, ckpt: dict) -> dict:
     from folk_nb.eval import _epochs_done
     return dict(path=str(path), step=ckpt.get('step'), epochs=_epochs_done(ckpt), total_steps=ckpt.get('total_steps'))
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-
 def export_encoder(
     source,                    # a trainer checkpoint path, or a folk_nb `Method`
     out=None,                  # the file to write; default: beside the checkpoint, `<stem>_<encoder>_timm.pt`
@@ -89,7 +81,7 @@ def export_encoder(
     if out.is_dir(): raise ValueError(f"out: '{out}' is a folder; give a file name such as '{out / 'encoder.pt'}'")
     state = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in encoders(method)[encoder].model.state_dict().items()}
     atomic_save(dict(state_dict=state, folk_nb=meta), out)
-    _atomic_write_text(json.dumps(meta, indent=1) + '\n', out.with_name(out.name + '.json'))
+    atomic_write_text(json.dumps(meta, indent=1) + '\n', out.with_name(out.name + '.json'))
     return out
 
 # %% ../nbs/44_export.ipynb #833ad3ea

@@ -16,8 +16,8 @@ from .methods import checkpoint_config
 
 # %% auto #0
 __all__ = ['COMPILE_MODES', 'RESUME_FIXED', 'RESUME_FREE', 'CHECKPOINT_FORMAT', 'TrainConfig', 'cosine_lr', 'atomic_save',
-           'load_checkpoint', 'check_weights_only', 'rng_state', 'set_rng_state', 'DistInfo', 'setup_distributed',
-           'to_device', 'batch_size_of', 'CSVLog', 'NonFiniteLossError', 'Trainer']
+           'atomic_write_text', 'load_checkpoint', 'check_weights_only', 'rng_state', 'set_rng_state', 'DistInfo',
+           'setup_distributed', 'to_device', 'batch_size_of', 'CSVLog', 'NonFiniteLossError', 'Trainer']
 
 # %% ../nbs/40_trainer.ipynb #d30fd085
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's modes
@@ -106,17 +106,14 @@ def cosine_lr(
 # %% ../nbs/40_trainer.ipynb #a0584861
 CHECKPOINT_FORMAT = 'folk_nb.checkpoint/1'
 
-def atomic_save(
-    obj,        # what to save (tensors, dicts, lists, numbers, strings)
-    path,       # destination file
-) -> Path:      # the path written
-    "Save with torch.save so that `path` is always either the old or the complete new file."
+def _atomic_write(path, write, mode: str) -> Path:
+    "Write `path` through `write(file)` into a temporary file beside it, fsync, then rename: never half a file."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
@@ -125,6 +122,21 @@ def atomic_save(
     try: os.fsync(fd)
     finally: os.close(fd)
     return path
+
+def atomic_save(
+    obj,        # what to save (tensors, dicts, lists, numbers, strings)
+    path,       # destination file
+) -> Path:      # the path written
+    "Save with torch.save so that `path` is always either the old or the complete new file."
+    return _atomic_write(path, lambda f: torch.save(obj, f), 'wb')
+
+def atomic_write_text(
+    text: str,  # what to write (e.g. JSON)
+    path,       # destination file
+) -> Path:      # the path written
+    "Write a text file so that `path` is always either the old or the complete new file."
+    if not isinstance(text, str): raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return _atomic_write(path, lambda f: f.write(text), 'w')
 
 def load_checkpoint(
     path,                 # a checkpoint written by the trainer
@@ -393,7 +405,7 @@ class Trainer:
                     total_steps=self.total_steps, peak_lr=self.peak_lr, global_batch=self.global_batch,
                     device=str(self.device), torch=torch.__version__, git_commit=_git_commit(), **self.run_info)
         if self.device.type == 'cuda': info['gpu'] = torch.cuda.get_device_name(self.device)
-        (self.out_dir / 'config.json').write_text(json.dumps(info, indent=2, default=str))
+        atomic_write_text(json.dumps(info, indent=2, default=str), self.out_dir / 'config.json')
 
     def _callback(self, event: str, payload: dict):
         for cb in self.callbacks:
@@ -599,7 +611,7 @@ class Trainer:
             print(f"{_unwrap(self.model).name}: {status} at {where} in {elapsed:.1f} s "
                   f"({summary['img_per_s']:.0f} img/s), loss {last_row.get('loss', float('nan')):.4f}, "
                   f"{self.nonfinite_total} non-finite step(s) skipped; checkpoint {self.ckpt_path}")
-            (self.out_dir / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
+            atomic_write_text(json.dumps(summary, indent=2, default=str), self.out_dir / 'summary.json')
             self._callback('on_end', summary)
         if error is not None: raise error
         return summary

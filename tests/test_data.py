@@ -613,7 +613,7 @@ def test_cache_falls_back_to_user_cache_dir_when_parent_is_not_writable(tmp_path
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
     real_save = torch.save
     def save(obj, f, *a, **k):  # the folder's parent refuses writes, as a read-only mount would
-        if Path(f).parent == tmp_path / 'ro': raise PermissionError(13, 'Permission denied', str(f))
+        if Path(getattr(f, 'name', f)).parent == tmp_path / 'ro': raise PermissionError(13, 'Permission denied', str(f))  # a path or an open file
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, 'save', save)
     t = load_folder_tensors(tmp_path / 'ro' / 'f')
