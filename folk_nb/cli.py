@@ -115,7 +115,9 @@ def _check_file_values(parser, opts: dict, path) -> None:
         if want and v is not None and not isinstance(v, str) and (not isinstance(v, want) or (isinstance(v, bool) and bool not in want)):
             parser.error(f"argument {name}: expected {' or '.join(t.__name__ for t in want)}, got {v!r} (in {path})")
 
-def check_device(device: str | None) -> None:
+def check_device(
+    device: str | None,  # 'cpu', 'cuda', 'cuda:N', 'mps', or None (the default device)
+) -> None:
     "Raise a clear error unless `device` names a device this machine has."
     if device is None: return
     try: d = torch.device(device)
@@ -191,7 +193,10 @@ def _same_data(a, b) -> bool:
     a, b = str(a), str(b)
     return a == b or (a not in ('samples', 'cifar10') and os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b)))
 
-def check_resume_args(args: dict, saved: dict) -> None:
+def check_resume_args(
+    args: dict,   # this run's resolved options
+    saved: dict,  # the run's args.json
+) -> None:
     "Refuse to resume a run with other data or image size than its saved args.json."
     diff = {k: (saved.get(k), args[k]) for k in RESUME_SAME_ARGS if k in saved
             and not (_same_data(saved[k], args[k]) if k == 'data' else saved[k] == args[k])}
@@ -297,7 +302,9 @@ def main(argv=None) -> dict:
         raise SystemExit(2)
     return summary
 
-def exit_status(summary: dict) -> int:
+def exit_status(
+    summary: dict,  # what `Trainer.fit` returned
+) -> int:         # the console script's exit status
     "Exit status for a run's summary: 0 finished (or paused / budget spent as asked), 143 SIGTERM, 130 SIGINT, 1 otherwise."
     status = str(summary.get('status', ''))
     if status in ('finished', 'paused', 'time budget spent'): return 0
