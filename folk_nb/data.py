@@ -727,10 +727,33 @@ def gaussian_blur(
     return y.view(B, C, H, W).to(x.dtype)
 
 # %% ../nbs/20_data.ipynb #c789d33c
+def _jitter_gray(v, factors, order, gray):  # the device path of colour jitter, then grayscale: tensors only
+    if factors is not None:
+        for k in range(4):
+            for o, op in enumerate(_JITTER_OPS):
+                v = _apply(v, order[:, k] == o, lambda y, i: op(y, factors[i, o]), False)
+    if gray is not None: v = torch.where(_col(gray), _gray(v).expand_as(v), v)
+    return v
+
+_FUSED = {}   # the compiled _jitter_gray, made on first use; 'failed' once compilation failed
+
+def _fused_jitter_gray(v, factors, order, gray):
+    if not _FUSED.get('failed'):
+        try:
+            if 'fn' not in _FUSED: _FUSED['fn'] = torch.compile(_jitter_gray, dynamic=False)
+            return _FUSED['fn'](v, factors, order, gray)
+        except Exception as e:
+            _FUSED['failed'] = True
+            warnings.warn(f"fused augmentation unavailable ({type(e).__name__}: {str(e).strip()[:200]}); "
+                          "running the eager colour ops instead")
+    return _jitter_gray(v, factors, order, gray)
+
+# %% ../nbs/20_data.ipynb #eae688bd
 def augment_batch(
     x: Tensor,         # images (B, 3, H, W): uint8, or float in [0, 1]
     spec: ViewSpec,    # the view's augmentation
     generator=None,    # torch.Generator on x's device (None: the global RNG)
+    fused: bool = False, # compile colour jitter + grayscale into a few kernels (see above; GPUDataLoader: on for CUDA)
 ) -> tuple:            # views (B, 3, S, S) float32 in [0, 1], boxes (B, 4), flipped (B,) bool
     "Draw one augmented view of every image of a batch, on the batch's device."
     if not isinstance(spec, ViewSpec): raise TypeError(f"spec must be a ViewSpec, got {type(spec).__name__}")
@@ -743,14 +766,18 @@ def augment_batch(
     boxes = sample_crop_boxes(B, H, W, spec.scale, spec.ratio, generator, dev)
     flipped = rand(B) < spec.flip_p
     v = resized_crop(x.float(), boxes, spec.size, flipped, spec.interpolation)
+    factors = order = gray = None
     if spec.jitter_p > 0:
         on = rand(B) < spec.jitter_p
         lo = torch.tensor([max(0.0, 1 - s) for s in spec.jitter[:3]] + [-spec.jitter[3]], device=dev)
         hi = torch.tensor([1 + s for s in spec.jitter[:3]] + [spec.jitter[3]], device=dev)
         factors = lo + (hi - lo) * rand(B, 4)
         order = torch.where(on[:, None], rand(B, 4).argsort(1), -1)  # -1: no jitter for this image
-        v = color_jitter(v, factors, order, subset)
-    if spec.gray_p > 0: v = torch.where(_col(rand(B) < spec.gray_p), _gray(v).expand_as(v), v)
+    if spec.gray_p > 0: gray = rand(B) < spec.gray_p
+    if fused: v = _fused_jitter_gray(v, factors, order, gray)
+    else:
+        if factors is not None: v = color_jitter(v, factors, order, subset)
+        if gray is not None: v = torch.where(_col(gray), _gray(v).expand_as(v), v)
     if spec.blur_p > 0:
         on = rand(B) < spec.blur_p
         sigma = spec.blur_sigma[0] + (spec.blur_sigma[1] - spec.blur_sigma[0]) * rand(B)
@@ -779,6 +806,7 @@ class GPUDataLoader:
                  device=None,                 # where data lives and batches are made (default: images' device)
                  size: int | None = None,     # view side when `views` is a recipe name (default: the image side)
                  classes=None,                # class names, kept for reference
+                 fused_augment: bool | None = None, # compile the colour ops (`augment_batch(fused=)`); None: on CUDA
                 ):
         if not (isinstance(images, Tensor) and images.ndim == 4 and images.shape[1] == 3 and len(images) > 0):
             raise ValueError(f"images must be a non-empty tensor (N, 3, H, W), got {getattr(images, 'shape', type(images).__name__)}")
@@ -796,6 +824,7 @@ class GPUDataLoader:
         self.specs = _as_specs(views, size or images.shape[-1])
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.rank, self.world_size, self.classes, self.epoch = rank, world_size, classes, 0
+        self.fused_augment = self.device.type == 'cuda' if fused_augment is None else bool(fused_augment)
         if len(self) == 0:
             raise ValueError(f"an epoch of {self.epoch_size} samples over {world_size} rank(s) gives no full batch of {batch_size}; "
                              "lower batch_size, raise epoch_size, or set drop_last=False")
@@ -843,7 +872,7 @@ class GPUDataLoader:
         for b in range(len(self)):
             i = idx[b * bs:(b + 1) * bs]
             x = self.images[i]
-            out = [augment_batch(x, s, gen) for s in self.specs]
+            out = [augment_batch(x, s, gen, self.fused_augment) for s in self.specs]
             yield dict(views=[o[0] for o in out], boxes=[o[1] for o in out], flipped=[o[2] for o in out],
                        target=self.targets[i], index=i)
 

@@ -17,7 +17,7 @@ from .methods import checkpoint_config
 # %% auto #0
 __all__ = ['COMPILE_MODES', 'RESUME_FIXED', 'RESUME_FREE', 'CHECKPOINT_FORMAT', 'TrainConfig', 'cosine_lr', 'atomic_save',
            'atomic_write_text', 'load_checkpoint', 'check_weights_only', 'rng_state', 'set_rng_state', 'DistInfo',
-           'setup_distributed', 'to_device', 'batch_size_of', 'CSVLog', 'NonFiniteLossError', 'Trainer']
+           'setup_distributed', 'to_device', 'batch_size_of', 'CSVLog', 'NonFiniteLossError', 'is_cnn', 'Trainer']
 
 # %% ../nbs/40_trainer.ipynb #d30fd085
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's modes
@@ -47,6 +47,7 @@ class TrainConfig:
     max_nonfinite: int = 20          # consecutive non-finite losses that stop the run
     progress: bool = True            # show a progress bar
     value_checks: str = 'first'      # 'first': check input values on the first step of each fit(); 'always': every step
+    channels_last: bool | None = None # CNNs in NHWC memory layout (tensor-core convolutions); None: on for CNNs on CUDA
 
     def __post_init__(self):
         if self.epochs < 1: raise ValueError(f"epochs must be >= 1, got {self.epochs}")
@@ -69,6 +70,8 @@ class TrainConfig:
         if self.value_checks not in ('first', 'always'):
             raise ValueError(f"value_checks must be 'first' (check the input values on the first step of each fit) or "
                              f"'always' (every step), got {self.value_checks!r}")
+        if self.channels_last not in (None, True, False):
+            raise ValueError(f"channels_last must be True, False or None (on for CNNs on CUDA), got {self.channels_last!r}")
         if not (isinstance(self.compile, bool) or self.compile in COMPILE_MODES):
             raise ValueError(f"compile must be True, False or a torch.compile mode ({', '.join(map(repr, COMPILE_MODES))}), "
                              f"got {self.compile!r}")
@@ -88,7 +91,7 @@ class TrainConfig:
 # %% ../nbs/40_trainer.ipynb #7504d027
 RESUME_FIXED = ('lr', 'base_lr', 'min_lr', 'warmup_steps', 'weight_decay', 'optimizer', 'betas', 'clip_grad', 'seed', 'amp')  # must match the checkpoint's (and the global batch)
 RESUME_FREE = ('epochs', 'max_steps', 'time_budget_min', 'log_every', 'ckpt_every', 'knn_every', 'max_nonfinite',   # may change on resume
-               'progress', 'value_checks', 'compile', 'deterministic', 'out_dir')
+               'progress', 'value_checks', 'compile', 'deterministic', 'out_dir', 'channels_last')
 
 # %% ../nbs/40_trainer.ipynb #2eddbafc
 def cosine_lr(
@@ -277,6 +280,10 @@ def _takes_epoch_length(schedule) -> bool:
 
 class NonFiniteLossError(RuntimeError): "Raised when too many consecutive losses are NaN or infinite."
 
+def is_cnn(model: nn.Module) -> bool:
+    "Whether `model` holds a convolution that is not a patch embedding (kernel != stride): a CNN backbone."
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
+
 # %% ../nbs/40_trainer.ipynb #37c01145
 class Trainer:
     "Train any folk_nb method: schedules, mixed precision, logs, checkpoints, resume, DDP."
@@ -293,7 +300,11 @@ class Trainer:
         self.dist = dist_info or setup_distributed()
         self.device = self.dist.device
         if self.cfg.deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
+        self.channels_last = (self.cfg.channels_last if self.cfg.channels_last is not None
+                              else self.device.type == 'cuda' and is_cnn(method))
         self.method, self.loader, self.knn_data = method.to(self.device), loader, knn_data
+        if self.channels_last: method.to(memory_format=torch.channels_last)   # weights NHWC: cuDNN runs NHWC kernels
+        if self.device.type == 'cuda' and not self.cfg.deterministic: torch.backends.cudnn.benchmark = True  # fixed shapes
         self.run_info = run_info or {}
         self.callbacks = list(callbacks)
         check_weights_only(dict(method_config=method.config, train_config=asdict(self.cfg)), 'checkpoint')  # before any work

@@ -369,3 +369,36 @@ def test_min_lr_above_the_base_lr_peak_is_refused(tmp_path):
     cfg = TrainConfig(base_lr=1e-4, min_lr=1e-3, out_dir=str(tmp_path), progress=False)   # peak = 1e-4 * 8 / 512
     with pytest.raises(ValueError, match='must not exceed the peak learning rate'):
         Trainer(NoisyToy(), FixedLoader(), cfg)
+
+
+def test_channels_last_cnn_trains_the_same_and_its_checkpoint_loads_either_way(tmp_path):
+    "channels_last changes strides only: the same step gives the same parameters, and checkpoints cross layouts."
+    from folk_nb.methods import create_method
+    from folk_nb.data import GPUDataLoader
+    imgs = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for layout in (False, True):
+        torch.manual_seed(0)
+        m = create_method('moco', model='resnet18', img_size=32, queue_size=16, out_dim=8, cifar_stem=True)
+        t = Trainer(m, GPUDataLoader(imgs, views='moco', batch_size=8, seed=0),
+                    config(tmp_path / str(layout), optimizer='sgd', lr=0.1, epochs=1, channels_last=layout))
+        conv = next(w for w in m.parameters() if w.ndim == 4)
+        assert conv.is_contiguous(memory_format=torch.channels_last) == layout and conv.is_contiguous() != layout
+        t.fit()
+        runs[layout] = t
+    for a, b in zip(runs[False].method.parameters(), runs[True].method.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(params(runs[True].method)[0], params(create_method('moco', model='resnet18', img_size=32,
+                           queue_size=16, out_dim=8, cifar_stem=True))[0])          # it did train
+    ckpt = load_checkpoint(runs[True].ckpt_path)                                    # NHWC weights into an NCHW model
+    fresh = create_method('moco', model='resnet18', img_size=32, queue_size=16, out_dim=8, cifar_stem=True)
+    fresh.load_state_dict(ckpt['model'])
+    for a, b in zip(fresh.parameters(), runs[True].method.parameters()): assert torch.equal(a, b)
+
+
+def test_channels_last_defaults_to_cnns_on_cuda_only(tmp_path):
+    from folk_nb.methods import create_method
+    m = create_method('moco', model='resnet18', img_size=32, queue_size=16, out_dim=8, cifar_stem=True)
+    t = Trainer(m, FixedLoader(), config(tmp_path))                 # CPU: left as it is
+    assert t.channels_last is False and all(w.is_contiguous() for w in m.parameters())
+    with pytest.raises(ValueError, match='channels_last must be True, False or None'): TrainConfig(channels_last='yes')

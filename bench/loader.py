@@ -1,0 +1,71 @@
+"""How long `GPUDataLoader` takes to make one batch of augmented views, eager colour ops vs fused (torch.compile).
+
+    python bench/loader.py [--device cuda] [--recipes moco,mae,mfm,folk] [--size 32] [--batch 512] [--batches 50]
+
+For each recipe: ms per batch (all of its views: gather, crop, flip, jitter, grayscale, blur, solarize) with the
+eager colour ops and with `fused_augment=True`, and the speed-up, measured in the same run on the same images (the
+embedded sample pictures, repeated to fill the batches). On a GPU the loader runs in the training loop's own
+stream, so its time adds to each step's: compare it with the step times of `bench/train_step.py`.
+Appends one JSON line per recipe to bench/results/loader.jsonl (`--no-save`: don't).
+"""
+import argparse, sys, time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_rows, command_line, load_average, load_pair  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / 'results' / 'loader.jsonl'
+
+
+def ms_per_batch(loader, batches: int, warmup: int, device: torch.device) -> float:
+    "Mean milliseconds per batch over `batches` batches after `warmup` (compilation happens there)."
+    it = iter(loader)
+    for _ in range(warmup): next(it)
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(batches): next(it)
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / batches * 1000
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    ap.add_argument('--recipes', default='moco,mae,mfm,folk')
+    ap.add_argument('--size', type=int, default=32)
+    ap.add_argument('--batch', type=int, default=None, help='images per batch (default 512 on CUDA, 64 on CPU)')
+    ap.add_argument('--batches', type=int, default=None, help='timed batches (default 50 on CUDA, 3 on CPU)')
+    ap.add_argument('--warmup', type=int, default=3)
+    ap.add_argument('--no-save', action='store_true')
+    a = ap.parse_args(argv)
+    from folk_nb.data import GPUDataLoader, dataset_tensors, _FUSED
+    device = torch.device(a.device)
+    cuda = device.type == 'cuda'
+    batch, batches = a.batch or (512 if cuda else 64), a.batches or (50 if cuda else 3)
+    images = dataset_tensors('samples', size=a.size)['images']
+    load0, rows = load_average(), []
+    for recipe in [r for r in a.recipes.split(',') if r]:
+        ms = {}
+        for fused in (False, True):
+            loader = GPUDataLoader(images, views=recipe, batch_size=batch, epoch_size=batch * (a.warmup + batches),
+                                   device=device, size=a.size, seed=0, fused_augment=fused)
+            ms[fused] = ms_per_batch(loader, batches, a.warmup, device)
+        row = dict(recipe=recipe, views=len(loader.specs), eager_ms=round(ms[False], 3), fused_ms=round(ms[True], 3),
+                   speedup=round(ms[False] / ms[True], 2), fused_failed=bool(_FUSED.get('failed')))
+        print(f"{recipe:<6} {row['views']} views: eager {row['eager_ms']:8.2f} ms/batch, fused {row['fused_ms']:8.2f} ms/batch, "
+              f"{row['speedup']:.2f}x" + ('  (compilation failed: both eager)' if row['fused_failed'] else ''), flush=True)
+        rows.append(row)
+    where = (f"cuda: {torch.cuda.get_device_name(device)}" if cuda else f"cpu: {torch.get_num_threads()} threads")
+    print(f"\n{where}, {batch} images of {a.size} px per batch, {batches} timed batches, torch {torch.__version__}")
+    if not a.no_save:
+        append_rows(RESULTS, rows, 'loader', command_line('bench/loader.py', argv), where, size=a.size, batch=batch,
+                    batches=batches, torch=torch.__version__, load=load_pair(load0, load_average()))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
