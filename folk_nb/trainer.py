@@ -48,6 +48,7 @@ class TrainConfig:
     progress: bool = True            # show a progress bar
     value_checks: str = 'first'      # 'first': check input values on the first step of each fit(); 'always': every step
     channels_last: bool | None = None # CNNs in NHWC memory layout (tensor-core convolutions); None: on for CNNs on CUDA
+    sync_free: bool | None = None    # skip non-finite steps on the device (fused optimiser), no host sync per step; None: on CUDA
 
     def __post_init__(self):
         if self.epochs < 1: raise ValueError(f"epochs must be >= 1, got {self.epochs}")
@@ -70,6 +71,8 @@ class TrainConfig:
         if self.value_checks not in ('first', 'always'):
             raise ValueError(f"value_checks must be 'first' (check the input values on the first step of each fit) or "
                              f"'always' (every step), got {self.value_checks!r}")
+        if self.sync_free not in (None, True, False):
+            raise ValueError(f"sync_free must be True, False or None (on for CUDA), got {self.sync_free!r}")
         if self.channels_last not in (None, True, False):
             raise ValueError(f"channels_last must be True, False or None (on for CNNs on CUDA), got {self.channels_last!r}")
         if not (isinstance(self.compile, bool) or self.compile in COMPILE_MODES):
@@ -91,7 +94,7 @@ class TrainConfig:
 # %% ../nbs/40_trainer.ipynb #7504d027
 RESUME_FIXED = ('lr', 'base_lr', 'min_lr', 'warmup_steps', 'weight_decay', 'optimizer', 'betas', 'clip_grad', 'seed', 'amp')  # must match the checkpoint's (and the global batch)
 RESUME_FREE = ('epochs', 'max_steps', 'time_budget_min', 'log_every', 'ckpt_every', 'knn_every', 'max_nonfinite',   # may change on resume
-               'progress', 'value_checks', 'compile', 'deterministic', 'out_dir', 'channels_last')
+               'progress', 'value_checks', 'compile', 'deterministic', 'out_dir', 'channels_last', 'sync_free')
 
 # %% ../nbs/40_trainer.ipynb #2eddbafc
 def cosine_lr(
@@ -325,13 +328,15 @@ class Trainer:
         self.forward = self.model
         if self.cfg.compile:
             self.forward = torch.compile(self.model, mode=None if self.cfg.compile is True else self.cfg.compile)
-        fused = self.device.type == 'cuda'
+        self.sync_free = self.cfg.sync_free if self.cfg.sync_free is not None else self.device.type == 'cuda'
+        fused = self.device.type == 'cuda' or self.sync_free    # only the fused optimisers take found_inf
         groups = method.param_groups(self.cfg.weight_decay)
         if self.cfg.optimizer == 'sgd': self.optimizer = torch.optim.SGD(groups, lr=self.peak_lr, momentum=0.9, fused=fused)
         else: self.optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=self.cfg.betas, fused=fused)
         self.amp = (self.cfg.amp == 'bf16') or (self.cfg.amp == 'auto' and self.device.type == 'cuda')
         self.step = self.epoch = self.batch_in_epoch = 0
         self.nonfinite_total = self.nonfinite_run = 0
+        self._nonfinite_dev = torch.zeros(2, device=self.device)   # sync-free steps: [skipped since last read, in a row]
         self.train_seconds = 0.0              # training time over every fit() of this run (kNN evaluations excluded)
         self.calibration = None               # with a time budget: the measured step time and the fitted schedule
         self.out_dir = Path(self.cfg.out_dir)
@@ -349,6 +354,7 @@ class Trainer:
             dist.all_gather_object(all_rng, rng)
         else: all_rng = [rng]
         m = _unwrap(self.model)
+        self._read_nonfinite()
         return dict(format=CHECKPOINT_FORMAT, method=m.name, method_config=m.config, train_config=asdict(self.cfg),
                     model=m.state_dict(), optimizer=self.optimizer.state_dict(), step=self.step, epoch=self.epoch,
                     batch_in_epoch=self.batch_in_epoch, nonfinite_total=self.nonfinite_total, rng=all_rng,
@@ -393,6 +399,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.step, self.epoch, self.batch_in_epoch = ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
         self.nonfinite_total = ckpt['nonfinite_total']
+        self._nonfinite_dev.zero_()
         self.train_seconds = float(ckpt.get('train_seconds', 0.0))
         if self.cfg.time_budget_min and ckpt.get('calibration'):     # keep the schedule the budget was fitted to
             self.calibration = ckpt['calibration']
@@ -443,7 +450,7 @@ class Trainer:
         return min(self.total_steps - 1, int(self.train_seconds / (self.cfg.time_budget_min * 60) * self.total_steps))
 
     def train_step(self, batch) -> dict | None:
-        "One optimiser step on a batch; returns the logged values, or None if the loss was not finite."
+        "One optimiser step on a batch; returns the logged values (None for a non-finite loss seen on the host)."
         m = _unwrap(self.model)
         pos = self.schedule_position()
         fn = getattr(m.schedule, '__func__', m.schedule)                   # looked up each step: it may be replaced
@@ -460,16 +467,21 @@ class Trainer:
         loss = out['loss']
         finite = torch.isfinite(loss.detach()).float()
         if self.dist.world_size > 1: dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:                # the one host sync of a step: it decides whether to update
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_total += 1; self.nonfinite_run += 1
-            if self.nonfinite_run >= self.cfg.max_nonfinite:
-                self.save()
-                raise NonFiniteLossError(f"the loss was NaN/inf for {self.nonfinite_run} steps in a row (step {self.step}); "
-                                         f"stopped and saved {self.ckpt_path}. Lower the learning rate, enable clip_grad, "
-                                         "or check the data for broken images.")
-            return None
-        self.nonfinite_run = 0
+        if self.sync_free and self.optimizer.state:    # decided on the device (see above): no host sync
+            bad = 1 - finite
+            self.optimizer.found_inf = bad                 # the fused step leaves everything as it was when set
+            nf = self._nonfinite_dev
+            nf.copy_(torch.stack([nf[0] + bad, (nf[1] + bad) * bad]))
+        else:
+            self.optimizer.found_inf = None
+            self._read_nonfinite()
+            if finite.item() < 1:            # host-side decision: one sync
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_total += 1; self.nonfinite_run += 1
+                self._nonfinite_dev[1].fill_(self.nonfinite_run)
+                self._stop_if_nonfinite()
+                return None
+            self.nonfinite_run = 0; self._nonfinite_dev[1].zero_()
         loss.backward()
         gnorm = (nn.utils.clip_grad_norm_(m.parameters(), self.cfg.clip_grad) if self.cfg.clip_grad else None)
         self.optimizer.step()
@@ -480,6 +492,21 @@ class Trainer:
         row['_parts'] = {k: v.detach() for k, v in out.items() if isinstance(v, Tensor) and v.ndim == 0}   # every scalar the method reports
         if gnorm is not None: row['_gnorm'] = gnorm
         return row
+
+    def _read_nonfinite(self) -> None:
+        "Fold the device's counts of skipped steps into `nonfinite_total` / `nonfinite_run` (one host sync)."
+        if not self.sync_free: return
+        total, run = self._nonfinite_dev.tolist()
+        self.nonfinite_total += int(total); self.nonfinite_run = int(run)
+        self._nonfinite_dev[0].zero_()
+
+    def _stop_if_nonfinite(self) -> None:
+        "Save and raise `NonFiniteLossError` after `max_nonfinite` non-finite losses in a row."
+        if self.nonfinite_run >= self.cfg.max_nonfinite:
+            self.save()
+            raise NonFiniteLossError(f"the loss was NaN/inf for {self.nonfinite_run} steps in a row (step {self.step}); "
+                                     f"stopped and saved {self.ckpt_path}. Lower the learning rate, enable clip_grad, "
+                                     "or check the data for broken images.")
 
     # ---------------------------------------------------------------- time budget
     def _sync(self):
@@ -494,6 +521,7 @@ class Trainer:
         m = _unwrap(self.model)
         saved_model = {k: v.detach().clone() for k, v in m.state_dict().items()}
         saved_opt, saved_rng = copy.deepcopy(self.optimizer.state_dict()), rng_state()
+        self._read_nonfinite()
         saved = (self.nonfinite_total, self.nonfinite_run, self.last_out)
         t_begin = time.perf_counter()
         self.model.train()
@@ -511,6 +539,7 @@ class Trainer:
         per_step = float(per_step)
         m.load_state_dict(saved_model); self.optimizer.load_state_dict(saved_opt); set_rng_state(saved_rng)
         self.nonfinite_total, self.nonfinite_run, self.last_out = saved
+        self._nonfinite_dev.copy_(torch.tensor([0.0, self.nonfinite_run]))
         cap = self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
         fit = self.step + max(1, int((budget_s - self.train_seconds) / per_step))
         self.total_steps = min(cap, fit)
@@ -574,6 +603,8 @@ class Trainer:
                     self.batch_in_epoch, self.step = i + 1, self.step + 1
                     n_images += bs; n_window += bs
                     bar.update(1)
+                    if self.sync_free and (self.step % self.cfg.log_every == 0 or self.step >= end):
+                        self._read_nonfinite(); self._stop_if_nonfinite()
                     if row is not None and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
                         now = time.perf_counter()
                         parts = {k: float(v) for k, v in row.pop('_parts').items()}
@@ -612,6 +643,7 @@ class Trainer:
             for s, h in handlers.items(): signal.signal(s, h)
             if self._tb is not None: self._tb.flush()
         elapsed = time.perf_counter() - t_start
+        self._read_nonfinite()
         summary = dict(status=status, steps=self.step, steps_this_run=self.step - start_step, epochs=self.epoch,
                        seconds=elapsed, train_seconds=self.train_seconds, img_per_s=n_images / max(elapsed, 1e-9),
                        nonfinite_steps=self.nonfinite_total, **({'calibration': self.calibration} if self.calibration else {}),

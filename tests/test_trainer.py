@@ -86,9 +86,10 @@ def test_sigkill_during_saves_never_corrupts_the_latest_checkpoint(tmp_path):
     assert [q.name for q in tmp_path.iterdir() if q.suffix == '.pt'] == ['last.pt']
 
 
-def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize('sync_free', [False, True])
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path, sync_free):
     torch.manual_seed(0); m = NoisyToy(nan_steps=[2, 3])
-    t = Trainer(m, FixedLoader(), config(tmp_path, epochs=2))
+    t = Trainer(m, FixedLoader(), config(tmp_path, epochs=2, sync_free=sync_free, log_every=3))
     before = {}
 
     def snapshot(step, total, _orig=m.schedule):
@@ -106,6 +107,33 @@ def test_persistent_nonfinite_loss_stops_with_clear_message_and_checkpoint(tmp_p
     with pytest.raises(NonFiniteLossError, match='NaN/inf for 3 steps in a row'):
         Trainer(m, FixedLoader(), config(tmp_path, max_nonfinite=3)).fit()
     assert (tmp_path / 'checkpoints' / 'last.pt').exists()
+
+
+def test_sync_free_nonfinite_run_stops_at_the_next_log_step_with_the_count_and_a_checkpoint(tmp_path):
+    "After one good step, NaN losses are skipped on the device; the host sees them at the log step (every 4 steps)."
+    m = NoisyToy(nan_steps=list(range(1, 100)))
+    t = Trainer(m, FixedLoader(), config(tmp_path, epochs=4, max_nonfinite=5, log_every=4, sync_free=True))
+    before = params(m)
+    with pytest.raises(NonFiniteLossError, match='NaN/inf for 7 steps in a row'):   # 3 < 5 read at step 4; 7 read at step 8
+        t.fit()
+    assert t.step == 8 and t.nonfinite_total == 7
+    ckpt = load_checkpoint(t.ckpt_path)
+    assert ckpt['nonfinite_total'] == 7 and ckpt['step'] == 8
+    after_first = [p.detach() for p in m.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after_first))      # step 0 trained
+    assert all(torch.isfinite(p).all() for p in m.parameters())                  # the NaN steps never reached them
+
+
+def test_sync_free_steps_train_as_the_host_checked_ones(tmp_path):
+    "Same run, finite losses: the device-side skip changes nothing (fused vs unfused optimiser: float rounding)."
+    runs = []
+    for sync_free in (False, True):
+        torch.manual_seed(0); m = NoisyToy()
+        t = Trainer(m, FixedLoader(), config(tmp_path / str(sync_free), epochs=2, sync_free=sync_free))
+        assert t.sync_free is sync_free
+        t.fit(); runs.append(params(m))
+    for a, b in zip(*runs): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match='sync_free must be True, False or None'): TrainConfig(sync_free='on')
 
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path):
@@ -347,9 +375,10 @@ def test_method_settings_differ_message_names_only_the_difference(tmp_path):
     assert "'width': (8, 16)" in str(e.value) and 'this run is' not in str(e.value)
 
 
-def test_persistent_nonfinite_loss_writes_a_summary_saying_so(tmp_path):
+@pytest.mark.parametrize('sync_free', [False, True])
+def test_persistent_nonfinite_loss_writes_a_summary_saying_so(tmp_path, sync_free):
     with pytest.raises(NonFiniteLossError):
-        Trainer(NoisyToy(nan_steps=list(range(100))), FixedLoader(), config(tmp_path, max_nonfinite=3)).fit()
+        Trainer(NoisyToy(nan_steps=list(range(100))), FixedLoader(), config(tmp_path, max_nonfinite=3, sync_free=sync_free)).fit()
     s = json.loads((tmp_path / 'summary.json').read_text())
     assert s['status'] == 'stopped: non-finite loss' and s['nonfinite_steps'] == 3
 
