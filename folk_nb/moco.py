@@ -21,7 +21,7 @@ from .spectrum import check_images
 
 # %% auto #0
 __all__ = ['contrastive_logits', 'info_nce', 'positive_accuracy', 'enqueue', 'gather_keys', 'shuffle_across_ranks',
-           'unshuffle_across_ranks', 'MoCo', 'SaliencyMoCo']
+           'unshuffle_across_ranks', 'SplitBatchNorm2d', 'split_batchnorm', 'MoCo', 'SaliencyMoCo']
 
 # %% ../nbs/34_moco.ipynb #f6ac65b5
 def _check_embeddings(
@@ -138,6 +138,83 @@ def unshuffle_across_ranks(
     world, rank = _world_size(), dist.get_rank() if _world_size() > 1 else 0
     return gather_keys(y)[unshuffle.view(world, -1)[rank]]
 
+# %% ../nbs/34_moco.ipynb #fe78b647
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    "BatchNorm2d whose training statistics are computed per split of the batch (shuffle BN on one device)."
+    def __init__(self,
+                 num_features: int,   # channels C
+                 num_splits: int = 8, # chunks of the batch normalised separately in training
+                 **kwargs,            # the other BatchNorm2d arguments (eps, momentum, affine, ...)
+                ):
+        super().__init__(num_features, **kwargs)
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+            raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+        self.num_splits = num_splits
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+    def forward(self,
+                x: Tensor,  # (N, C, H, W), any memory layout; N divisible by num_splits in training
+    ) -> Tensor:            # (N, C, H, W) in x's dtype
+        "Plain BN in eval mode; in training, BN statistics of each of the `num_splits` chunks of the batch."
+        if self.num_splits == 1 or not (self.training or not self.track_running_stats):
+            return super().forward(x)
+        self._check_input_dim(x)
+        G, (N, C, H, W) = self.num_splits, x.shape
+        if N % G:
+            raise ValueError(f"SplitBatchNorm2d: the batch size N = {N} is not divisible by num_splits = {G}; "
+                             f"use a batch size that is a multiple of {G} (the loaders drop the last incomplete batch)")
+        m = (N // G) * H * W                                        # values per channel per split
+        if m < 2:
+            raise ValueError(f"SplitBatchNorm2d: each split has only {m} value per channel (N = {N}, num_splits = {G}, "
+                             f"H x W = {H}x{W}); BN statistics need more than 1")
+        xs = x.unflatten(0, (G, N // G))                            # (G, n, C, H, W): a view
+        with torch.autocast(x.device.type, enabled=False):
+            xf = xs.float()
+            var, mean = torch.var_mean(xf, dim=(1, 3, 4), unbiased=False, keepdim=True)   # (G, 1, C, 1, 1)
+            scale = torch.rsqrt(var + self.eps)
+            if self.weight is not None: scale = scale * self.weight.float().view(1, 1, C, 1, 1)
+            shift = -mean * scale
+            if self.bias is not None: shift = shift + self.bias.float().view(1, 1, C, 1, 1)
+            y = (xf * scale + shift).to(x.dtype).flatten(0, 1)
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum  # None: cumulative
+                self.running_mean.lerp_(mean.mean(0).view(C).to(self.running_mean.dtype), f)
+                self.running_var.lerp_((var.mean(0).view(C) * (m / (m - 1))).to(self.running_var.dtype), f)
+        return y
+
+def split_batchnorm(
+    module: nn.Module,  # a model (changed in place)
+    num_splits: int,    # splits of every BatchNorm2d
+) -> nn.Module:         # `module` (or the new layer if `module` itself is a BatchNorm2d)
+    "Replace every `nn.BatchNorm2d` of `module` by a `SplitBatchNorm2d` with the same weights and buffers."
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    def convert(bn: nn.BatchNorm2d) -> nn.Module:
+        if isinstance(bn, SplitBatchNorm2d):
+            bn.num_splits = num_splits
+            return bn
+        new = SplitBatchNorm2d(bn.num_features, num_splits, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                               track_running_stats=bn.track_running_stats)
+        p = next(iter(bn.state_dict().values()), None)
+        if p is not None: new = new.to(device=p.device)
+        if bn.affine: new = new.to(dtype=bn.weight.dtype)
+        new.load_state_dict(bn.state_dict())
+        new.train(bn.training)
+        if bn.affine:
+            new.weight.requires_grad_(bn.weight.requires_grad); new.bias.requires_grad_(bn.bias.requires_grad)
+        return new
+    if type(module) is nn.BatchNorm2d or isinstance(module, SplitBatchNorm2d):
+        return convert(module)
+    for name, child in list(module.named_modules()):
+        for cname, c in list(child.named_children()):
+            if type(c) is nn.BatchNorm2d or isinstance(c, SplitBatchNorm2d):
+                setattr(child, cname, convert(c))
+    return module
+
 # %% ../nbs/34_moco.ipynb #706c846d
 def _check_number(name: str, v, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
                    integer: bool = False) -> None:
@@ -164,6 +241,7 @@ def _check_range(name: str, v, lo: float = 0.0, hi: float = 1.0) -> list:
 class MoCo(Method):
     "MoCo v2: online encoder + MLP head, momentum encoder, queue of negatives, InfoNCE."
     name, recipe = 'moco', 'moco'
+    config_added = {'bn_splits': 1}   # checkpoints older than bn_splits used plain BN
 
     def __init__(self,
                  model: str,                    # timm model name, e.g. 'resnet50', 'resnet18', 'vit_small_patch16_224'
@@ -179,6 +257,7 @@ class MoCo(Method):
                  momentum_schedule: str = 'constant',  # 'constant' or 'cosine' (m -> 1 over the run)
                  symmetric: bool = False,       # also use view 2 as query and view 1 as key (loss averaged)
                  shuffle_bn: bool = True,       # shuffle the key batch across processes under DDP (MoCo's shuffle BN)
+                 bn_splits: int = 1,            # > 1: split BatchNorm + local key shuffle, shuffle BN on one device
                 ):
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
             raise TypeError(f"model_kwargs must be a dict of timm arguments or None, got {type(model_kwargs).__name__}")
@@ -191,11 +270,14 @@ class MoCo(Method):
             raise ValueError(f"momentum_schedule must be 'constant' or 'cosine', got {momentum_schedule!r}")
         for n, v in (('cifar_stem', cifar_stem), ('symmetric', symmetric), ('shuffle_bn', shuffle_bn)):
             if not isinstance(v, bool): raise TypeError(f"{n} must be True or False, got {v!r}")
+        _check_number('bn_splits', bn_splits, 1, integer=True)
         super().__init__(model=model, img_size=img_size, patch_size=patch_size, cifar_stem=cifar_stem,
                          model_kwargs=model_kwargs, out_dim=out_dim, hidden_dim=hidden_dim, queue_size=queue_size,
                          temperature=temperature, momentum=momentum, momentum_schedule=momentum_schedule,
-                         symmetric=symmetric, shuffle_bn=shuffle_bn)
+                         symmetric=symmetric, shuffle_bn=shuffle_bn, bn_splits=bn_splits)
         self.backbone = create_backbone(model, img_size, patch_size, cifar_stem, **(model_kwargs or {}))
+        self.bn_splits = bn_splits
+        if bn_splits > 1: split_batchnorm(self.backbone, bn_splits)      # before the copy: both encoders split
         width = self.backbone.num_features
         self.head = MoCoHead(width, hidden_dim or width, out_dim)
         self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
@@ -206,6 +288,7 @@ class MoCo(Method):
         self.symmetric, self.shuffle_bn = symmetric, shuffle_bn
         self.momentum_now = self.momentum
         self._has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.backbone.modules())
+        self._split_bn = any(isinstance(m, SplitBatchNorm2d) for m in self.backbone.modules())
 
     # ------------------------------------------------------------------ encoders
     def encode_query(self,
@@ -220,16 +303,24 @@ class MoCo(Method):
                    x: Tensor,                   # key images (B, 3, S, S) in [0, 1]
                    with_saliency: bool = False,  # also return the channel sum of the last-stage map (CNN only)
     ) -> Tensor | tuple:  # (B, out_dim) float32, L2-normalised, no gradient [, saliency (B, 1, h, w) float32]
-        "The momentum encoder (shuffle BN across processes under DDP), optionally with its saliency map."
+        "The momentum encoder (shuffle BN: across processes under DDP, else locally with `bn_splits`), optionally with its saliency map."
         if with_saliency and self.backbone.kind != 'cnn':
             raise ValueError(f"with_saliency needs a CNN backbone, not a {self.backbone.kind.upper()}")
         x = normalize_images(x)
         shuffle = self.shuffle_bn and self._has_bn and _world_size() > 1
+        local = self.shuffle_bn and self._split_bn and not shuffle
+        if self._split_bn and self.momentum_backbone.training and x.shape[0] % self.bn_splits:
+            raise ValueError(f"bn_splits = {self.bn_splits}: the batch size {x.shape[0]} is not divisible by "
+                             f"bn_splits; use a batch size that is a multiple of {self.bn_splits}")
         if shuffle: x, undo = shuffle_across_ranks(x)
+        if local:                                                        # one device: shuffle the batch itself
+            perm = torch.randperm(x.shape[0], device=x.device)
+            x, undo = x[perm], torch.argsort(perm)
         feats = self.momentum_backbone.forward_features(x)                # CNN: (B, C, h, w)
         out = [F.normalize(self.momentum_head(self.momentum_backbone.pool(feats)).float(), dim=1)]
         if with_saliency: out.append(feats.float().sum(1, keepdim=True))  # (B, 1, h, w): only this is gathered
         if shuffle: out = [unshuffle_across_ranks(t, undo) for t in out]
+        if local: out = [t[undo] for t in out]
         return tuple(out) if with_saliency else out[0]
 
     # ------------------------------------------------------------------ one step
@@ -327,6 +418,7 @@ class SaliencyMoCo(MoCo):
                  momentum_schedule: str = 'constant',  # 'constant' or 'cosine'
                  symmetric: bool = False,       # also use view 2 as (masked) query and view 1 as key
                  shuffle_bn: bool = True,       # MoCo's shuffle BN under DDP
+                 bn_splits: int = 1,            # > 1: split BatchNorm + local key shuffle (shuffle BN on one device)
                  saliency: str = 'momentum',    # 'momentum' | 'spectral' | a timm CNN name
                  saliency_pretrained=True,      # timm saliency model: True (timm weights), False, or a weights file path
                  foreground_k: float = 0.6,     # foreground if patch saliency >= mean - k * std
@@ -338,7 +430,7 @@ class SaliencyMoCo(MoCo):
                  hard_negative: bool = True,    # add the hard-negative column (False: masking only)
                 ):
         super().__init__(model, img_size, patch_size, cifar_stem, model_kwargs, out_dim, hidden_dim, queue_size,
-                         temperature, momentum, momentum_schedule, symmetric, shuffle_bn)
+                         temperature, momentum, momentum_schedule, symmetric, shuffle_bn, bn_splits)
         if not isinstance(saliency, str):
             raise TypeError(f"saliency must be 'momentum', 'spectral' or a timm CNN name, got {saliency!r}")
         if saliency == 'momentum' and self.backbone.kind != 'cnn':

@@ -443,3 +443,162 @@ def test_ddp_gather_and_shuffle_bn(tmp_path):
         torch.testing.assert_close(r[i]['shuffled_sal'], r[i]['plain_sal'])    # the map is unshuffled like the keys
         assert torch.equal(r[i]['back'], r[i]['x'] * 10)
     assert sorted(torch.cat([r[0]['share'], r[1]['share']])[:, 0].tolist()) == [0, 1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- shuffle BN on one device: split BatchNorm, bn_splits
+def _per_split_reference(x, bn, G):
+    "F.batch_norm in training mode on each split separately (fresh running stats each): output, per-split stats."
+    outs, rms, rvs = [], [], []
+    for g in range(G):
+        n = x.shape[0] // G
+        rm, rv = torch.zeros(bn.num_features, dtype=torch.float64), torch.ones(bn.num_features, dtype=torch.float64)
+        outs.append(F.batch_norm(x[g * n:(g + 1) * n].double(), rm, rv, bn.weight.double(), bn.bias.double(),
+                                 True, bn.momentum, bn.eps))
+        rms.append(rm); rvs.append(rv)
+    return torch.cat(outs), torch.stack(rms).mean(0), torch.stack(rvs).mean(0)
+
+
+@pytest.mark.parametrize('layout,dtype', [('nchw', torch.float32), ('channels_last', torch.float32),
+                                          ('nchw', torch.bfloat16), ('channels_last', torch.bfloat16)])
+def test_split_batchnorm_matches_per_split_batch_norm(layout, dtype):
+    torch.manual_seed(0)
+    bn = moco_mod.SplitBatchNorm2d(6, num_splits=3, momentum=0.2)
+    with torch.no_grad(): bn.weight.uniform_(0.5, 2.0); bn.bias.uniform_(-1, 1)
+    x = (torch.randn(12, 6, 5, 7) * 2 - 0.5).to(dtype)
+    if layout == 'channels_last': x = x.contiguous(memory_format=torch.channels_last)
+    want, rm, rv = _per_split_reference(x, bn, 3)
+    y = bn(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    if layout == 'channels_last': assert y.is_contiguous(memory_format=torch.channels_last)
+    tol = dict(atol=3e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.double(), want, **tol)
+    torch.testing.assert_close(bn.running_mean.double(), rm, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bn.running_var.double(), rv, atol=1e-5, rtol=1e-5)
+    assert int(bn.num_batches_tracked) == 1
+    y.float().sum().backward()                               # differentiable, gradients for the affine parameters
+    assert bn.weight.grad is not None and bn.bias.grad is not None
+    bn.eval()                                                # eval: plain BN with the running statistics
+    x2 = torch.randn(5, 6, 3, 3)
+    torch.testing.assert_close(bn(x2), F.batch_norm(x2, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+def test_split_batchnorm_bf16_autocast_and_cumulative_momentum():
+    torch.manual_seed(0)
+    bn = moco_mod.SplitBatchNorm2d(4, num_splits=2, momentum=None)
+    xs = [torch.randn(4, 4, 3, 3) for _ in range(2)]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        for x in xs: bn(x)
+    means = [torch.stack([x[:2].mean((0, 2, 3)), x[2:].mean((0, 2, 3))]).mean(0) for x in xs]
+    torch.testing.assert_close(bn.running_mean, (means[0] + means[1]) / 2)   # momentum None: cumulative average
+    assert int(bn.num_batches_tracked) == 2
+    with pytest.raises(ValueError, match=r'N = 6 is not divisible by num_splits = 4'):
+        moco_mod.SplitBatchNorm2d(4, num_splits=4)(torch.randn(6, 4, 3, 3))
+    one = moco_mod.SplitBatchNorm2d(4, num_splits=1)
+    x = torch.randn(6, 4, 3, 3)
+    torch.testing.assert_close(one(x), torch.nn.BatchNorm2d(4)(x))            # one split: plain BN
+
+
+def test_split_batchnorm_keeps_the_state_and_eval_outputs():
+    import timm
+    torch.manual_seed(0)
+    net = timm.create_model('resnet18', num_classes=0)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d): mod.running_mean.normal_(0, 0.1); mod.running_var.uniform_(0.5, 2)
+    net.eval()
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(): want = net(x)
+    moco_mod.split_batchnorm(net, 8)
+    assert any(isinstance(m, moco_mod.SplitBatchNorm2d) for m in net.modules())
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in net.modules())
+    assert list(net.state_dict()) == list(sd) and all(torch.equal(net.state_dict()[k], v) for k, v in sd.items())
+    with torch.no_grad(): assert torch.equal(net(x), want)
+
+
+@pytest.mark.parametrize('name', ['moco', 'saliency_moco'])
+def test_bn_splits_train_checkpoint_and_export(name, tmp_path):
+    from folk_nb.data import GPUDataLoader
+    from folk_nb.export import export_encoder, load_encoder
+    from folk_nb.models import normalize_images
+    from folk_nb.trainer import TrainConfig, Trainer, load_checkpoint
+    torch.manual_seed(0)
+    m = create_method(name, model='resnet18', img_size=32, cifar_stem=True, queue_size=16, out_dim=8, bn_splits=4)
+    assert m.config['bn_splits'] == 4
+    for enc in (m.backbone, m.momentum_backbone):
+        assert any(isinstance(x, moco_mod.SplitBatchNorm2d) and x.num_splits == 4 for x in enc.modules())
+    loader = GPUDataLoader(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), views=m.recipe, batch_size=8)
+    trainer = Trainer(m, loader, TrainConfig(epochs=1, optimizer='sgd', lr=0.01, out_dir=str(tmp_path), progress=False))
+    summary = trainer.fit()
+    assert summary['steps'] == 2 and summary['nonfinite_steps'] == 0 and math.isfinite(summary['last']['loss'])
+    ckpt = load_checkpoint(trainer.ckpt_path)
+    assert ckpt['method'] == name and ckpt['method_config']['bn_splits'] == 4
+    m2 = create_method(ckpt['method'], **ckpt['method_config'])
+    m2.load_state_dict(ckpt['model'])
+    m.eval(); m2.eval()
+    x = views(b=4, seed=3)[0]
+    torch.testing.assert_close(m2.encode_key(x), m.encode_key(x))
+    path = export_encoder(trainer.ckpt_path, tmp_path / 'enc.pt', 'backbone')
+    enc = load_encoder(path).eval()
+    assert not any(isinstance(x, moco_mod.SplitBatchNorm2d) for x in enc.modules())   # a plain timm model
+    xn = normalize_images(x)
+    with torch.no_grad():
+        want = m.backbone.model.forward_head(m.backbone.model.forward_features(xn), pre_logits=True)
+        got = enc.forward_head(enc.forward_features(xn), pre_logits=True)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize('name', ['moco', 'saliency_moco'])
+def test_bn_splits_keys_are_unshuffled(name):
+    "encode_key = the momentum encoder on each split of the permuted batch, by hand, put back in order."
+    torch.manual_seed(0)
+    m = create_method(name, **CNN, queue_size=8, bn_splits=4)
+    assert m._split_bn and any(isinstance(x, moco_mod.SplitBatchNorm2d) for x in m.momentum_backbone.modules())
+    plain = copy.deepcopy(m)
+    for mod in plain.modules():
+        if isinstance(mod, moco_mod.SplitBatchNorm2d): mod.num_splits = 1
+    x = views(b=8, seed=5)[1]
+    torch.manual_seed(7)
+    keys, sal = m.encode_key(x, with_saliency=True)
+    torch.manual_seed(7)
+    perm = torch.randperm(8)
+    with torch.no_grad():
+        parts = [plain.momentum_backbone.forward_features(normalize(xg)) for xg in x[perm].chunk(4)]
+        k = torch.cat([F.normalize(plain.momentum_head(plain.momentum_backbone.pool(f)).float(), dim=1) for f in parts])
+        s = torch.cat([f.float().sum(1, keepdim=True) for f in parts])
+    undo = torch.argsort(perm)
+    torch.testing.assert_close(keys, k[undo], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sal, s[undo], atol=1e-4, rtol=1e-4)
+    out = m({'views': views(b=8, seed=6)})                  # a whole step, the hard negatives' key pass included
+    out['loss'].backward()
+    assert torch.isfinite(out['loss'])
+
+
+def normalize(x):
+    return (x - MEAN) / STD
+
+
+def test_bn_splits_errors_and_old_checkpoints():
+    from folk_nb.methods import checkpoint_config
+    torch.manual_seed(0)
+    m = create_method('moco', **CNN, queue_size=8, bn_splits=4)
+    with pytest.raises(ValueError, match=r'batch size 6 is not divisible by bn_splits'):
+        m({'views': views(b=6)})
+    for bad, err in ((0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(err, match='bn_splits'):
+            create_method('moco', **CNN, queue_size=8, bn_splits=bad)
+    with pytest.raises(ValueError, match='bn_splits'):
+        create_method('saliency_moco', **CNN, queue_size=8, bn_splits=0)
+    old = {k: v for k, v in MoCo(**CNN, queue_size=8).config.items() if k != 'bn_splits'}
+    assert checkpoint_config('moco', old)['bn_splits'] == 1                      # checkpoints before the option
+    assert MoCo(**checkpoint_config('moco', old)).bn_splits == 1
+
+
+def test_bn_splits_through_the_cli(tmp_path):
+    from folk_nb.cli import main
+    from folk_nb.trainer import load_checkpoint
+    s = main(['--method', 'moco', '--model', 'test_resnet', '--cifar-stem', '--data', 'samples', '--img-size', '32',
+              '--batch-size', '8', '--epoch-size', '16', '--out', str(tmp_path), '--no-progress', '--device', 'cpu',
+              '--max-steps', '1', '--method-args', json.dumps({'queue_size': 16, 'bn_splits': 4})])
+    assert s['status'] == 'finished' and s['steps'] == 1
+    assert load_checkpoint(tmp_path / 'checkpoints' / 'last.pt')['method_config']['bn_splits'] == 4
