@@ -27,9 +27,10 @@ VIT = ['--model', 'vit_small_patch16_224', '--img-size', '32', '--patch-size', '
 DECODER = {'decoder_dim': 256, 'decoder_depth': 4, 'decoder_heads': 8}
 RESNET = ['--model', 'resnet18', '--img-size', '32', '--cifar-stem',
           '--optimizer', 'sgd', '--lr', '0.24', '--weight-decay', '5e-4']     # lightly's CIFAR-10 MoCo recipe (6e-2 x 512/128)
-# bn_splits: single-GPU shuffle BN (split BatchNorm + key shuffle), as the official MoCo CIFAR-10 demo (--bn-splits 8)
-# and lightly's CIFAR-10 benchmark
-MOCO = {'queue_size': 4096, 'momentum': 0.99, 'temperature': 0.1, 'bn_splits': 8}
+# No split BatchNorm (MoCo's bn_splits, the single-GPU shuffle BN of the official MoCo CIFAR-10 demo, --bn-splits 8):
+# measured on an H100 (2026-11-22, results/*225024*), 8 splits learned about as much per epoch but the eager
+# SplitBatchNorm2d cost a third of the throughput, so at equal time MoCo was worse (kNN 0.587 against 0.623 in 2 min).
+MOCO = {'queue_size': 4096, 'momentum': 0.99, 'temperature': 0.1}
 # FAMT refreshes its attention bank every 10% of the schedule (the paper's rule, for ~800 epochs: one refresh window
 # of ~1 epoch of extra un-masked forward passes every 80 epochs). A budget of minutes holds ~20 epochs, where 10% is
 # every 2 epochs and most epochs would be refresh windows; we keep refresh windows at least 5 epochs apart.
