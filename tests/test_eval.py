@@ -7,6 +7,7 @@ dataset dict and from a loader; JSON records; checkpoint loading; `folk_nb_eval`
 import importlib.util
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -735,3 +736,13 @@ def test_random_init_without_a_model_uses_the_pretraining_default(monkeypatch):
     with pytest.raises(ValueError, match='stop here'):
         evaluate(['--random-init', 'mae', '--method-config', '{"img_size": 32}', '--data', 'samples', '--device', 'cpu'])
     assert seen == {'img_size': 32, 'model': DEFAULT_MODEL['mae']}
+
+
+def test_loader_bench_times_eager_and_fused_views(capsys):
+    loader_bench = load_bench_script('loader')
+    assert loader_bench.main(['--device', 'cpu', '--recipes', 'moco', '--batch', '8', '--batches', '1', '--warmup', '1',
+                              '--no-save']) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith('moco'))
+    eager, fused = (float(v) for v in re.findall(r'(?:eager|fused)\s+([\d.]+) ms/batch', line))
+    assert eager > 0 and fused > 0 and '2 views' in line and 'compilation failed' not in line
