@@ -9,12 +9,19 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['METHOD_NAMES', 'DEFAULT_MODEL', 'RESUME_SAME_ARGS', 'build_parser', 'load_config_file', 'check_device', 'parse_args',
-           'resolve_defaults', 'build_method', 'build_loader', 'check_resume_args', 'run_pretrain', 'main',
-           'exit_status', 'pretrain_command', 'method_batch', 'loss_curves', 'reconstruction_figure', 'training_report',
-           'demo_main', 'demo_command']
+__all__ = ['SWITCH', 'METHOD_NAMES', 'DEFAULT_MODEL', 'RESUME_SAME_ARGS', 'switch', 'build_parser', 'load_config_file',
+           'check_device', 'parse_args', 'resolve_defaults', 'build_method', 'build_loader', 'check_resume_args',
+           'run_pretrain', 'main', 'exit_status', 'pretrain_command', 'method_batch', 'loss_curves',
+           'reconstruction_figure', 'training_report', 'demo_main', 'demo_command']
 
 # %% ../nbs/41_cli.ipynb #b93f0779
+SWITCH = ('auto', 'on', 'off')   # a speed switch of the command line: auto = the library's default for the device
+
+def switch(value: str) -> bool | None:
+    "'on' -> True, 'off' -> False, 'auto' -> None (the trainer or loader decides by device)."
+    return {'on': True, 'off': False, 'auto': None}[value]
+
+# %% ../nbs/41_cli.ipynb #01c64be6
 METHOD_NAMES = ('folk', 'mfm', 'famt', 'saliency_moco', 'mae', 'moco')
 DEFAULT_MODEL = {'folk': 'vit_tiny_patch16_224', 'mfm': 'vit_tiny_patch16_224', 'famt': 'vit_tiny_patch16_224',
                  'mae': 'vit_tiny_patch16_224', 'moco': 'resnet18', 'saliency_moco': 'resnet18'}
@@ -81,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--value-checks', choices=('first', 'always'), default='first',
                    help="check input values (images in [0, 1], indices in range; a GPU sync each) on the first step of "
                         "each run / resume only, or on every step")
+    for flag, what in (('--channels-last', "CNN weights and activations channel-last (NHWC: faster convolutions on GPUs)"),
+                       ('--sync-free', "skip non-finite steps on the device (fused optimiser), no host sync per step"),
+                       ('--fused-augment', "compile the GPU loader's colour jitter + grayscale into a few kernels")):
+        g.add_argument(flag, choices=SWITCH, default='auto', help=f"{what}; auto: on CUDA")
     g.add_argument('--knn-every', type=int, default=0, help='epochs between kNN evaluations on the test split (0: off)')
     g.add_argument('--log-every', type=int, default=10, help='steps between rows of log.csv')
     g.add_argument('--ckpt-every', type=int, help='steps between checkpoints (default: every epoch)')
@@ -184,7 +195,8 @@ def build_loader(args: dict, recipe: str, rank: int = 0, world_size: int = 1, de
     from folk_nb.data import create_loader
     return create_loader(args['data'], 'train', recipe=recipe, size=args['img_size'], batch_size=args['batch_size'],
                          device=device, seed=args['seed'], rank=rank, world_size=world_size, epoch_size=args['epoch_size'],
-                         num_workers=args['num_workers'], root=args['data_root'], download=args['download'], archive=args['archive'])
+                         num_workers=args['num_workers'], root=args['data_root'], download=args['download'], archive=args['archive'],
+                         fused_augment=switch(args.get('fused_augment', 'auto')))
 
 # %% ../nbs/41_cli.ipynb #928c6587
 RESUME_SAME_ARGS = ('data', 'img_size')   # besides the trainer's checks (RESUME_FIXED): a resumed run must read the same images
@@ -261,7 +273,8 @@ def run_pretrain(args: dict) -> dict:
                       warmup_steps=a['warmup_steps'], weight_decay=a['weight_decay'], optimizer=a['optimizer'], clip_grad=a['clip_grad'] or None,
                       amp=a['amp'], compile=a['compile'], seed=a['seed'], deterministic=a['deterministic'],
                       out_dir=str(out), log_every=a['log_every'], ckpt_every=a['ckpt_every'], knn_every=a['knn_every'],
-                      progress=not a['no_progress'], value_checks=a['value_checks'])
+                      progress=not a['no_progress'], value_checks=a['value_checks'],
+                      channels_last=switch(a['channels_last']), sync_free=switch(a['sync_free']))
     trainer = Trainer(method, loader, cfg, knn_data=knn, dist_info=info,
                       run_info=dict(command=' '.join(sys.argv), data=str(a['data']), args=a))
     if a['resume']: trainer.resume(ckpt)                  # refuses another method or other settings: args.json stays as it was

@@ -925,6 +925,7 @@ def create_loader(
     root=None,                 # data folder for 'cifar10'
     download: bool = False,    # 'cifar10': download with torchvision if no local copy exists
     archive=None,              # 'cifar10': path of cifar10-jpg.tar.gz
+    fused_augment: bool | None = None, # resident loader: compile the colour ops (None: on CUDA)
 ):
     "A training loader yielding the batch dicts: device-resident for small datasets, DataLoader workers otherwise."
     name = str(name_or_path)
@@ -935,7 +936,8 @@ def create_loader(
         if image_size is None and name == 'samples': image_size = size
         return GPUDataLoader.from_dataset(name_or_path, split, root, image_size, download, archive,
                                           views=recipe, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
-                                          epoch_size=epoch_size, rank=rank, world_size=world_size, device=device, size=size)
+                                          epoch_size=epoch_size, rank=rank, world_size=world_size, device=device, size=size,
+                                          fused_augment=fused_augment)
     ds = create_dataset(name_or_path, split, root, recipe=recipe, size=size, download=download, archive=archive)
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     sampler = SeededSampler(sampler, seed)  # per-item augmentation seeds: exact resume, any num_workers

@@ -226,3 +226,18 @@ def test_help_states_each_default_once_and_documents_every_option(capsys):
 def test_knn_monitor_on_data_without_test_split_says_so(tmp_path, capsys):
     run('mfm', tmp_path, '--max-steps', '2', '--knn-every', '1', '--batch-size', '8', '--epoch-size', '16')
     assert 'no test split' in capsys.readouterr().out
+
+
+def test_speed_switches_reach_the_trainer_and_the_loader(tmp_path):
+    "--channels-last / --sync-free / --fused-augment on: stored in the run's config, and the runs train."
+    s = run('moco', tmp_path, '--max-steps', '2', '--model', 'resnet18', '--cifar-stem', '--optimizer', 'sgd',
+            '--method-args', '{"queue_size": 16}', '--channels-last', 'on', '--sync-free', 'on', '--fused-augment', 'on')
+    assert s['steps'] == 2
+    cfg = json.loads((tmp_path / 'config.json').read_text())['train_config']
+    assert cfg['channels_last'] is True and cfg['sync_free'] is True
+    args = json.loads((tmp_path / 'args.json').read_text())
+    assert args['fused_augment'] == 'on'
+    from folk_nb.cli import build_loader
+    assert build_loader({**args, 'data': 'samples', 'epoch_size': 16, 'batch_size': 8}, 'moco', device='cpu').fused_augment is True
+    assert build_loader({**args, 'data': 'samples', 'epoch_size': 16, 'batch_size': 8, 'fused_augment': 'auto'}, 'moco',
+                        device='cpu').fused_augment is False                    # auto on the CPU

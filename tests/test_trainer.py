@@ -56,11 +56,12 @@ def test_sigterm_saves_and_resume_finishes_identically(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
 
 
-def test_ddp_two_gloo_processes_match_one_process_on_the_combined_batch(tmp_path):
+@pytest.mark.parametrize('mode', ['host_checked', 'sync_free'])
+def test_ddp_two_gloo_processes_match_one_process_on_the_combined_batch(tmp_path, mode):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     for n, out in ((1, tmp_path / 'single'), (2, tmp_path / 'ddp')):
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}',
-               str(SCRIPTS / 'ddp_step.py'), str(out), '3']
+               str(SCRIPTS / 'ddp_step.py'), str(out), '3', mode]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     a = load_checkpoint(tmp_path / 'single' / 'checkpoints' / 'last.pt')
