@@ -17,7 +17,9 @@ __all__ = ['SWITCH', 'METHOD_NAMES', 'DEFAULT_MODEL', 'RESUME_SAME_ARGS', 'switc
 # %% ../nbs/41_cli.ipynb #b93f0779
 SWITCH = ('auto', 'on', 'off')   # a speed switch of the command line: auto = the library's default for the device
 
-def switch(value: str) -> bool | None:
+def switch(
+    value: str,     # one of SWITCH: 'auto', 'on' or 'off'
+) -> bool | None:   # the library's argument: None lets the trainer or loader decide by device
     "'on' -> True, 'off' -> False, 'auto' -> None (the trainer or loader decides by device)."
     return {'on': True, 'off': False, 'auto': None}[value]
 

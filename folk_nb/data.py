@@ -727,11 +727,8 @@ def gaussian_blur(
     return y.view(B, C, H, W).to(x.dtype)
 
 # %% ../nbs/20_data.ipynb #c789d33c
-def _jitter_gray(v, factors, order, gray):  # the device path of colour jitter, then grayscale: tensors only
-    if factors is not None:
-        for k in range(4):
-            for o, op in enumerate(_JITTER_OPS):
-                v = _apply(v, order[:, k] == o, lambda y, i: op(y, factors[i, o]), False)
+def _jitter_gray(v, factors, order, gray, subset=False):  # colour jitter (if factors), then grayscale (if gray)
+    if factors is not None: v = color_jitter(v, factors, order, subset)
     if gray is not None: v = torch.where(_col(gray), _gray(v).expand_as(v), v)
     return v
 
@@ -774,10 +771,8 @@ def augment_batch(
         factors = lo + (hi - lo) * rand(B, 4)
         order = torch.where(on[:, None], rand(B, 4).argsort(1), -1)  # -1: no jitter for this image
     if spec.gray_p > 0: gray = rand(B) < spec.gray_p
-    if fused: v = _fused_jitter_gray(v, factors, order, gray)
-    else:
-        if factors is not None: v = color_jitter(v, factors, order, subset)
-        if gray is not None: v = torch.where(_col(gray), _gray(v).expand_as(v), v)
+    if fused and (factors is not None or gray is not None): v = _fused_jitter_gray(v, factors, order, gray)
+    else: v = _jitter_gray(v, factors, order, gray, subset)   # (nothing to fuse: no compiled identity)
     if spec.blur_p > 0:
         on = rand(B) < spec.blur_p
         sigma = spec.blur_sigma[0] + (spec.blur_sigma[1] - spec.blur_sigma[0]) * rand(B)

@@ -283,7 +283,9 @@ def _takes_epoch_length(schedule) -> bool:
 
 class NonFiniteLossError(RuntimeError): "Raised when too many consecutive losses are NaN or infinite."
 
-def is_cnn(model: nn.Module) -> bool:
+def is_cnn(
+    model: nn.Module, # a backbone or a whole method
+) -> bool:            # True for a CNN (ResNet, ConvNeXt, ...), False for a ViT or a model without convolutions
     "Whether `model` holds a convolution that is not a patch embedding (kernel != stride): a CNN backbone."
     return any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
 
@@ -478,10 +480,11 @@ class Trainer:
             if finite.item() < 1:            # host-side decision: one sync
                 self.optimizer.zero_grad(set_to_none=True)
                 self.nonfinite_total += 1; self.nonfinite_run += 1
-                self._nonfinite_dev[1].fill_(self.nonfinite_run)
+                if self.sync_free: self._nonfinite_dev[1].fill_(self.nonfinite_run)   # the device count goes on from here
                 self._stop_if_nonfinite()
                 return None
-            self.nonfinite_run = 0; self._nonfinite_dev[1].zero_()
+            self.nonfinite_run = 0
+            if self.sync_free: self._nonfinite_dev[1].zero_()
         loss.backward()
         gnorm = (nn.utils.clip_grad_norm_(m.parameters(), self.cfg.clip_grad) if self.cfg.clip_grad else None)
         self.optimizer.step()
