@@ -3,6 +3,7 @@
     python bench/cifar10_table.py --budget 2.5 [--methods mae,mfm,folk,famt,moco,saliency_moco]
                                   [--archive PATH/cifar10-jpg.tar.gz] [--data-root data] [--runs runs/cifar10-table]
                                   [--results results] [--device cuda] [--smoke]
+                                  [--method-args JSON] [--record-field KEY=TEXT ...]
 
 For each method this runs, in one process and in order:
 1. `folk_nb_pretrain` (`folk_nb.cli.main`) on the CIFAR-10 training split with `--time-budget BUDGET`: the trainer
@@ -15,6 +16,12 @@ For each method this runs, in one process and in order:
 The run folders (`args.json`, `config.json`, `log.csv`, `summary.json`, `train.log`) stay under `--runs`;
 `--logs` copies them (without checkpoints) next to the records. `--smoke` runs a 0.05-minute budget on a subset for
 testing the script itself (its records go to `--results` too, so point it at a scratch folder).
+
+Ablations and target runs without editing the recipes: `--method-args '{"bn_splits": 8}'` is merged over the
+recipe's method arguments of every method run, and each `--record-field KEY=TEXT` is stored in every record written
+(e.g. `--record-field ablation='MoCo with split BN'`, `--record-field note='code: commit ...'`), next to the
+`method_args_override` the records then carry. Every record gets a `budget` field; the results notebook's table
+takes the newest budgeted records per method, except those with an `ablation` or `target_run` field.
 """
 import argparse, contextlib, io, json, shutil, sys, time, traceback
 from pathlib import Path
@@ -28,8 +35,10 @@ DECODER = {'decoder_dim': 256, 'decoder_depth': 4, 'decoder_heads': 8}
 RESNET = ['--model', 'resnet18', '--img-size', '32', '--cifar-stem',
           '--optimizer', 'sgd', '--lr', '0.24', '--weight-decay', '5e-4']     # lightly's CIFAR-10 MoCo recipe (6e-2 x 512/128)
 # No split BatchNorm (MoCo's bn_splits, the single-GPU shuffle BN of the official MoCo CIFAR-10 demo, --bn-splits 8):
-# measured on an H100 (2026-11-22, results/*225024*), 8 splits learned about as much per epoch but the eager
+# measured on an H100 (2026-11-22, results/*225024*), 8 splits learned about as much per epoch but the first, eager
 # SplitBatchNorm2d cost a third of the throughput, so at equal time MoCo was worse (kNN 0.587 against 0.623 in 2 min).
+# The layer is now one F.batch_norm over a view (bench/split_bn.py); until a GPU measures it, try it with
+# --method-args '{"bn_splits": 8}' rather than in the recipe.
 MOCO = {'queue_size': 4096, 'momentum': 0.99, 'temperature': 0.1}
 # FAMT refreshes its attention bank every 10% of the schedule (the paper's rule, for ~800 epochs: one refresh window
 # of ~1 epoch of extra un-masked forward passes every 80 epochs). A budget of minutes holds ~20 epochs, where 10% is
@@ -46,6 +55,52 @@ RECIPES = {
     'moco': RESNET + ['--method-args', json.dumps(MOCO)],
     'saliency_moco': RESNET + ['--method-args', json.dumps(MOCO)],
 }
+
+
+def parse_method_args(ap: argparse.ArgumentParser, text) -> dict:
+    "The --method-args JSON dict ({} when absent), with an argparse error naming the problem."
+    if text is None: return {}
+    try: d = json.loads(text)
+    except ValueError as e: ap.error(f"--method-args is not valid JSON ({e}): {text!r}")
+    if not isinstance(d, dict): ap.error(f"--method-args must be a JSON object like '{{\"bn_splits\": 8}}', got {text!r}")
+    return d
+
+
+RESERVED_FIELDS = ('format', 'method', 'model', 'data', 'protocol', 'metric', 'value', 'epochs', 'gpu_minutes',
+                   'img_per_s', 'command', 'git_commit', 'device', 'date', 'budget', 'method_args_override')
+
+
+def parse_record_fields(ap: argparse.ArgumentParser, items: list) -> dict:
+    "KEY=TEXT pairs -> dict, refusing malformed pairs and the fields a record already has."
+    out = {}
+    for item in items:
+        key, sep, text = item.partition('=')
+        if not sep or not key.isidentifier(): ap.error(f"--record-field needs KEY=TEXT with KEY a plain name, got {item!r}")
+        if key in RESERVED_FIELDS: ap.error(f"--record-field {key!r}: records set that field themselves; choose another name")
+        out[key] = text
+    return out
+
+
+def recipe_argv(recipe: list, override: dict) -> list:
+    "A recipe's arguments with `override` merged over its --method-args JSON (added when the recipe has none)."
+    argv = list(recipe)
+    if not override: return argv
+    if '--method-args' in argv:
+        i = argv.index('--method-args') + 1
+        argv[i] = json.dumps({**json.loads(argv[i]), **override})
+    else:
+        argv += ['--method-args', json.dumps(override)]
+    return argv
+
+
+def add_record_fields(path: Path, budget: float, override: dict, fields: dict) -> None:
+    "Store the budget, the --method-args override and the --record-field fields in a written record (atomically)."
+    from folk_nb.trainer import atomic_write_text
+    record = json.loads(path.read_text())
+    record['budget'] = f"{budget:g} training minutes per method (bench/cifar10_table.py --budget {budget:g})"
+    if override: record['method_args_override'] = override
+    record.update(fields)
+    atomic_write_text(json.dumps(record, indent=2, allow_nan=False) + '\n', path)
 
 
 @contextlib.contextmanager
@@ -76,7 +131,12 @@ def main(argv=None) -> int:
     ap.add_argument('--batch-size', type=int, default=512)
     ap.add_argument('--device', default=None)
     ap.add_argument('--smoke', action='store_true', help='tiny budget and evaluation subsets: tests this script')
+    ap.add_argument('--method-args', default=None, help="JSON dict merged over every recipe's method arguments")
+    ap.add_argument('--record-field', action='append', default=[], metavar='KEY=TEXT',
+                    help='a field stored in every record written (repeatable), e.g. ablation=... or note=...')
     a = ap.parse_args(argv)
+    override = parse_method_args(ap, a.method_args)
+    fields = parse_record_fields(ap, a.record_field)
     from folk_nb import cli, eval as ev
     methods = [m for m in a.methods.split(',') if m]
     unknown = [m for m in methods if m not in RECIPES]
@@ -93,7 +153,7 @@ def main(argv=None) -> int:
                 argv = ['--method', name, '--data', 'cifar10', '--data-root', a.data_root, '--archive', a.archive,
                         '--batch-size', str(a.batch_size), '--time-budget', str(budget), '--epochs', '100000',
                         '--ckpt-every', '100000000', '--log-every', '25', '--no-progress', '--out', str(out),
-                        *RECIPES[name], *(['--device', a.device] if a.device else [])]
+                        *recipe_argv(RECIPES[name], override), *(['--device', a.device] if a.device else [])]
                 if a.smoke: argv += ['--model-args', json.dumps({'depth': 2})] if 'vit' in ' '.join(RECIPES[name]) else []
                 print('folk_nb_pretrain', ' '.join(argv), flush=True)
                 s = cli.main(argv)
@@ -106,6 +166,7 @@ def main(argv=None) -> int:
                                '--out', a.results, *sub, *(['--device', a.device] if a.device else [])]
                     print('folk_nb_eval', ' '.join(ev_argv), flush=True)
                     (record,) = ev.evaluate(ev_argv)     # knn and linear write one record each
+                    add_record_fields(Path(a.results) / record['_file'], budget, override, fields)
                     row[protocol] = round(float(record['value']), 4)
             except Exception:
                 traceback.print_exc()

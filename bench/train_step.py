@@ -22,6 +22,9 @@ For every method x model:
   masks randomly (75%) until its first attention refresh at 10% of the schedule, so `--at 0.5` measures its
   steady state: masking 45% and throwing 40% of the patches, with the attention of the (fixed) batch refreshed
   during the warm-up steps;
+- **SaliencyMoCo's saliency map**: the FLOPs of the query view's saliency map (`saliency_map_flops_per_img`) and
+  their share of a plain MoCo step on the same model and batch (`saliency_map_flop_share`): a device-independent
+  floor for the masking's time share;
 - the machine's 1-minute load average before and after (`load_avg_1min`): a shared, busy machine makes every timing
   above unreliable, and the script says so.
 
@@ -174,6 +177,21 @@ def failed_row(row: dict, e: Exception) -> dict:
     return dict(row, status=f'error: {type(e).__name__}: {str(e)[:200]}')
 
 
+def saliency_flops(method, model_key: str, batch: int, device: torch.device, method_kwargs: dict, b: dict) -> dict:
+    """SaliencyMoCo's saliency map of the query view in FLOPs per image, and as a share of a plain MoCo step's FLOPs
+    (forward + backward + key pass) on the same model and batch: the floor of its time share on any device."""
+    import inspect
+    from folk_nb.moco import MoCo
+    sal = count_flops(lambda: method.saliency_map(method._views(b)[0]))
+    accepted = inspect.signature(MoCo.__init__).parameters
+    moco, _ = build_method('moco', model_key, batch, device,
+                           {k: v for k, v in (method_kwargs or {}).items() if k in accepted})
+    step = count_flops(lambda: moco(b)['loss'].backward())
+    del moco
+    return dict(saliency_map_flops_per_img=sal / batch, moco_step_flops_per_img=step / batch,
+                saliency_map_flop_share=sal / step)
+
+
 def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: int, device: torch.device,
               amp: str = 'auto', compile: bool = False, peak_flops: float = None, method_kwargs: dict = None,
               at: float = 0.0) -> dict:
@@ -187,6 +205,7 @@ def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: 
         method.zero_grad(set_to_none=True)
         row['flops_per_img'] = flops / batch
         row['params_m'] = sum(p.numel() for p in method.parameters() if p.requires_grad) / 1e6
+        if method_name == 'saliency_moco': row.update(saliency_flops(method, model_key, batch, device, method_kwargs, b))
         # the trainer's step
         with tempfile.TemporaryDirectory() as tmp:
             trainer = make_trainer(method, b, batch, device, amp, compile, tmp)
@@ -236,6 +255,12 @@ def print_table(rows: list, peak: dict) -> None:
         print(f"{r['method']:<14}{r['model']:<14}{r['batch']:>6}{r['img_per_s']:>10.1f}{r['step_ms']:>10.1f}"
               f"{fmt(r['peak_mem_gb'], '8.2f'):>8}{r['flops_per_img'] / 1e9:>11.2f}{r['achieved_tflops']:>9.3f}"
               f"{fmt(r.get('mfu') and 100 * r['mfu'], '6.1f'):>6}%{r['plain_img_per_s']:>13.1f}{r['speedup']:>8.2f}x")
+    for r in rows:
+        if r.get('saliency_map_flop_share') is not None:
+            print(f"{r['method']} x {r['model']}: the query's saliency map is {100 * r['saliency_map_flop_share']:.1f}% "
+                  f"of a MoCo step's FLOPs ({r['saliency_map_flops_per_img'] / 1e9:.3f} of "
+                  f"{r['moco_step_flops_per_img'] / 1e9:.2f} GFLOP/img; saliency={r['method_kwargs'].get('saliency', 'momentum')}"
+                  + ("; its FFTs are not counted" if r['method_kwargs'].get('saliency') == 'spectral' else '') + ")")
 
 
 

@@ -143,7 +143,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     "BatchNorm2d whose training statistics are computed per split of the batch (shuffle BN on one device)."
     def __init__(self,
                  num_features: int,   # channels C
-                 num_splits: int = 8, # chunks of the batch normalised separately in training
+                 num_splits: int = 8, # splits of the batch normalised separately in training
                  **kwargs,            # the other BatchNorm2d arguments (eps, momentum, affine, ...)
                 ):
         super().__init__(num_features, **kwargs)
@@ -157,7 +157,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     def forward(self,
                 x: Tensor,  # (N, C, H, W), any memory layout; N divisible by num_splits in training
     ) -> Tensor:            # (N, C, H, W) in x's dtype
-        "Plain BN in eval mode; in training, BN statistics of each of the `num_splits` chunks of the batch."
+        "Plain BN in eval mode; in training, BN statistics of each split (samples i with the same i % num_splits)."
         if self.num_splits == 1 or not (self.training or not self.track_running_stats):
             return super().forward(x)
         self._check_input_dim(x)
@@ -169,22 +169,20 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if m < 2:
             raise ValueError(f"SplitBatchNorm2d: each split has only {m} value per channel (N = {N}, num_splits = {G}, "
                              f"H x W = {H}x{W}); BN statistics need more than 1")
-        xs = x.unflatten(0, (G, N // G))                            # (G, n, C, H, W): a view
-        with torch.autocast(x.device.type, enabled=False):
-            xf = xs.float()
-            var, mean = torch.var_mean(xf, dim=(1, 3, 4), unbiased=False, keepdim=True)   # (G, 1, C, 1, 1)
-            scale = torch.rsqrt(var + self.eps)
-            if self.weight is not None: scale = scale * self.weight.float().view(1, 1, C, 1, 1)
-            shift = -mean * scale
-            if self.bias is not None: shift = shift + self.bias.float().view(1, 1, C, 1, 1)
-            y = (xf * scale + shift).to(x.dtype).flatten(0, 1)
-        if self.training and self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum  # None: cumulative
-                self.running_mean.lerp_(mean.mean(0).view(C).to(self.running_mean.dtype), f)
-                self.running_var.lerp_((var.mean(0).view(C) * (m / (m - 1))).to(self.running_var.dtype), f)
-        return y
+        track = self.training and self.track_running_stats
+        f = 0.0                                                     # BN's update factor for the running statistics
+        if track:
+            self.num_batches_tracked.add_(1)
+            f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum  # None: cumulative
+        rep = lambda t: None if t is None else t.repeat(G)          # one copy per split: channel g*C + c
+        rm, rv = (rep(self.running_mean), rep(self.running_var)) if track else (None, None)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        xg = x.contiguous().view(N // G, G * C, H, W)               # sample i -> split i % G: a view of NCHW memory
+        y = F.batch_norm(xg, rm, rv, rep(self.weight), rep(self.bias), True, f, self.eps).view(N, C, H, W)
+        if track:
+            with torch.no_grad():                                   # the mean over the splits of their running stats
+                self.running_mean.copy_(rm.view(G, C).mean(0)); self.running_var.copy_(rv.view(G, C).mean(0))
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 def split_batchnorm(
     module: nn.Module,  # a model (changed in place)

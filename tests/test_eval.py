@@ -746,3 +746,63 @@ def test_loader_bench_times_eager_and_fused_views(capsys):
     line = next(l for l in out.splitlines() if l.startswith('moco'))
     eager, fused = (float(v) for v in re.findall(r'(?:eager|fused)\s+([\d.]+) ms/batch', line))
     assert eager > 0 and fused > 0 and '2 views' in line and 'compilation failed' not in line
+
+
+def test_split_bn_bench_baseline_computes_the_same_layer(capsys):
+    "bench/split_bn.py's eager baseline (contiguous splits) = SplitBatchNorm2d (interleaved splits) up to the order."
+    from folk_nb.moco import SplitBatchNorm2d
+    sb = load_bench_script('split_bn')
+    torch.manual_seed(0)
+    x = torch.randn(12, 5, 3, 4) * 2 + 1
+    new, old = SplitBatchNorm2d(5, 3), sb.EagerSplitBatchNorm2d(5, 3)
+    with torch.no_grad():
+        for l in (new, old): l.weight.copy_(torch.linspace(0.5, 2, 5)); l.bias.copy_(torch.linspace(-1, 1, 5))
+    order = torch.arange(12).view(4, 3).t().reshape(-1)     # chunk g of x[order] = the interleaved split x[g::3]
+    torch.testing.assert_close(old(x[order]), new(x)[order], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(old.running_mean, new.running_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(old.running_var, new.running_var, atol=1e-6, rtol=1e-6)
+    assert sb.main(['--device', 'cpu', '--batch', '16', '--iters', '1', '--warmup', '1', '--dtypes', 'fp32',
+                    '--layouts', 'nchw', '--no-save']) == 0
+    out = capsys.readouterr().out
+    rows = [l for l in out.splitlines() if l.split()[:1] and 'x' in l.split()[0] and l.split()[1] == 'nchw']
+    assert [r.split()[0] for r in rows] == ['64x32x32', '128x16x16', '256x8x8', '512x4x4']
+    assert all(float(v) > 0 for r in rows for v in r.split()[3:6])
+    assert 'all layers: split / plain' in out
+
+
+def test_bench_saliency_map_flop_share():
+    "The query's saliency map (momentum encoder, one forward) against a MoCo step counted by hand."
+    from torch.utils.flop_counter import FlopCounterMode
+    bench = load_bench()
+    row = bench.bench_one('saliency_moco', 'resnet18_32', batch=4, steps=1, warmup=1, device=torch.device('cpu'),
+                          method_kwargs={'queue_size': 16})
+    assert row['status'] == 'ok', row
+    torch.manual_seed(0)
+    m = create_method('moco', model='resnet18', img_size=32, cifar_stem=True, queue_size=16)
+    x = torch.rand(4, 3, 32, 32)
+    with FlopCounterMode(display=False) as fwd: m.backbone(x)          # one encoder forward (no head)
+    with FlopCounterMode(display=False) as step: m({'views': [x, x]})['loss'].backward()
+    assert row['moco_step_flops_per_img'] == pytest.approx(step.get_total_flops() / 4)
+    assert row['saliency_map_flops_per_img'] == pytest.approx(fwd.get_total_flops() / 4)
+    assert row['saliency_map_flop_share'] == pytest.approx(fwd.get_total_flops() / step.get_total_flops())
+    assert 0.2 < row['saliency_map_flop_share'] < 0.3        # one forward of the 4 a MoCo step has (3 train + 1 key)
+
+
+def test_cifar10_table_smoke_with_an_ablation(tmp_path, cifar10_archive, cifar10_root, capsys):
+    "bench/cifar10_table.py --smoke end to end: the --method-args override reaches the run, records carry the fields."
+    table = load_bench_script('cifar10_table')
+    with pytest.raises(SystemExit):
+        table.main(['--record-field', 'budget=x'])                         # a field the records set themselves
+    assert 'records set that field themselves' in capsys.readouterr().err
+    res = tmp_path / 'res'
+    rc = table.main(['--smoke', '--methods', 'moco', '--batch-size', '32', '--device', 'cpu',
+                     '--archive', str(cifar10_archive), '--data-root', str(cifar10_root), '--runs', str(tmp_path / 'runs'),
+                     '--results', str(res), '--method-args', '{"bn_splits": 4}', '--record-field', 'ablation=split BN'])
+    assert rc == 0
+    config = json.loads((tmp_path / 'runs' / 'moco' / 'config.json').read_text())
+    assert config['method_config']['bn_splits'] == 4 and config['method_config']['queue_size'] == 4096   # merged
+    records = [json.loads(p.read_text()) for p in sorted(res.glob('*.json'))]
+    assert sorted(r['protocol'] for r in records) == ['knn', 'linear']
+    for r in records:
+        assert r['method_args_override'] == {'bn_splits': 4} and r['ablation'] == 'split BN'
+        assert r['budget'].startswith('0.05 training minutes')

@@ -449,13 +449,14 @@ def test_ddp_gather_and_shuffle_bn(tmp_path):
 def _per_split_reference(x, bn, G):
     "F.batch_norm in training mode on each split separately (fresh running stats each): output, per-split stats."
     outs, rms, rvs = [], [], []
-    for g in range(G):
-        n = x.shape[0] // G
+    for g in range(G):                                   # split g: samples g, g + G, g + 2G, ...
         rm, rv = torch.zeros(bn.num_features, dtype=torch.float64), torch.ones(bn.num_features, dtype=torch.float64)
-        outs.append(F.batch_norm(x[g * n:(g + 1) * n].double(), rm, rv, bn.weight.double(), bn.bias.double(),
+        outs.append(F.batch_norm(x[g::G].double(), rm, rv, bn.weight.double(), bn.bias.double(),
                                  True, bn.momentum, bn.eps))
         rms.append(rm); rvs.append(rv)
-    return torch.cat(outs), torch.stack(rms).mean(0), torch.stack(rvs).mean(0)
+    y = torch.empty(x.shape, dtype=torch.float64)
+    for g in range(G): y[g::G] = outs[g]                 # back in batch order
+    return y, torch.stack(rms).mean(0), torch.stack(rvs).mean(0)
 
 
 @pytest.mark.parametrize('layout,dtype', [('nchw', torch.float32), ('channels_last', torch.float32),
@@ -480,6 +481,34 @@ def test_split_batchnorm_matches_per_split_batch_norm(layout, dtype):
     bn.eval()                                                # eval: plain BN with the running statistics
     x2 = torch.randn(5, 6, 3, 3)
     torch.testing.assert_close(bn(x2), F.batch_norm(x2, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    "Counts the aten ops run inside it, by name (overload packet)."
+    def __init__(self):
+        super().__init__(); self.ops = {}
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket).split('.')[-1]
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
+def test_split_batchnorm_is_one_batch_norm_op(layout):
+    "The split statistics come from one BN op over a view (no per-split loop, no element-wise statistics)."
+    bn = moco_mod.SplitBatchNorm2d(8, num_splits=4)
+    x = torch.randn(16, 8, 4, 4, requires_grad=True)
+    if layout == 'channels_last': x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    with _CountOps() as fwd: y = bn(x)
+    with _CountOps() as bwd: y.sum().backward()
+    norms = {k: v for k, v in fwd.ops.items() if 'batch_norm' in k}
+    assert sum(norms.values()) == 1, fwd.ops
+    assert not any(k in fwd.ops for k in ('var_mean', 'var', 'rsqrt', 'sqrt')), fwd.ops
+    assert sum(v for k, v in bwd.ops.items() if 'batch_norm' in k) == 1, bwd.ops
+    copies = fwd.ops.get('clone', 0) + fwd.ops.get('copy_', 0) + fwd.ops.get('_to_copy', 0)
+    if layout == 'nchw': assert fwd.ops.get('clone', 0) == 0, fwd.ops              # NCHW: the split view is free
+    else: assert fwd.ops.get('clone', 0) == 2, fwd.ops                             # channels_last: to NCHW and back
+    assert copies <= 4, fwd.ops                                                    # + the two running-stat copies
 
 
 def test_split_batchnorm_bf16_autocast_and_cumulative_momentum():
@@ -563,9 +592,12 @@ def test_bn_splits_keys_are_unshuffled(name):
     torch.manual_seed(7)
     perm = torch.randperm(8)
     with torch.no_grad():
-        parts = [plain.momentum_backbone.forward_features(normalize(xg)) for xg in x[perm].chunk(4)]
-        k = torch.cat([F.normalize(plain.momentum_head(plain.momentum_backbone.pool(f)).float(), dim=1) for f in parts])
-        s = torch.cat([f.float().sum(1, keepdim=True) for f in parts])
+        xp = x[perm]
+        parts = [plain.momentum_backbone.forward_features(normalize(xp[g::4])) for g in range(4)]   # split g: g, g+4
+        k, s = torch.empty(8, m.config["out_dim"]), torch.empty(8, 1, *parts[0].shape[2:])
+        for g, f in enumerate(parts):
+            k[g::4] = F.normalize(plain.momentum_head(plain.momentum_backbone.pool(f)).float(), dim=1)
+            s[g::4] = f.float().sum(1, keepdim=True)
     undo = torch.argsort(perm)
     torch.testing.assert_close(keys, k[undo], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sal, s[undo], atol=1e-4, rtol=1e-4)
