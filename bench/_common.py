@@ -5,6 +5,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
+# CUDA runtime calls that block the host until the device has caught up (what torch.profiler lists on the CPU side)
+SYNC_RUNTIME = ('cudaStreamSynchronize', 'cudaDeviceSynchronize', 'cudaEventSynchronize', 'cudaMemcpy',
+                'cuStreamSynchronize', 'cuCtxSynchronize')
 
 
 def load_average():

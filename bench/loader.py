@@ -6,7 +6,9 @@ For each recipe: ms per batch (all of its views: gather, crop, flip, jitter, gra
 eager colour ops and with `fused_augment=True`, and the speed-up, measured in the same run on the same images (the
 embedded sample pictures, repeated to fill the batches). On a GPU the loader runs in the training loop's own
 stream, so its time adds to each step's: compare it with the step times of `bench/train_step.py`.
-Appends one JSON line per recipe to bench/results/loader.jsonl (`--no-save`: don't).
+On CUDA it also counts the host syncs per batch (`syncs_per_batch`, from torch.profiler): any one of them makes
+Python wait for the device, and a training loop whose loader waits cannot queue the next step while the GPU runs
+this one. Appends one JSON line per recipe to bench/results/loader.jsonl (`--no-save`: don't).
 """
 import argparse, sys, time
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_rows, command_line, load_average, load_pair  # noqa: E402
+from _common import SYNC_RUNTIME, append_rows, command_line, load_average, load_pair  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'loader.jsonl'
 
@@ -30,6 +32,22 @@ def ms_per_batch(loader, batches: int, warmup: int, device: torch.device) -> flo
     for _ in range(batches): next(it)
     if device.type == 'cuda': torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) / batches * 1000
+
+
+def syncs_per_batch(loader, device: torch.device, batches: int = 2) -> float | None:
+    """Host syncs per batch on CUDA: blocking runtime calls (cudaStreamSynchronize, cudaMemcpy, ...) seen by
+    torch.profiler while `batches` batches are made. Each one makes Python wait for the device, so a loader with
+    syncs cannot run ahead of the training step. None off CUDA (the CPU path counts its images on purpose)."""
+    if device.type != 'cuda': return None
+    from torch.profiler import ProfilerActivity, profile
+    it = iter(loader)
+    next(it)                                           # first batch: one-time caches, compilation
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(batches): next(it)
+        torch.cuda.synchronize(device)
+    n = sum(1 for e in prof.events() if e.name in SYNC_RUNTIME)
+    return (n - 1) / batches                           # less the bench's own synchronize
 
 
 def main(argv=None) -> int:
@@ -54,10 +72,13 @@ def main(argv=None) -> int:
             loader = GPUDataLoader(images, views=recipe, batch_size=batch, epoch_size=batch * (a.warmup + batches),
                                    device=device, size=a.size, seed=0, fused_augment=fused)
             ms[fused] = ms_per_batch(loader, batches, a.warmup, device)
+        syncs = syncs_per_batch(GPUDataLoader(images, views=recipe, batch_size=batch, epoch_size=batch * 3, device=device,
+                                              size=a.size, seed=0), device)
         row = dict(recipe=recipe, views=len(loader.specs), eager_ms=round(ms[False], 3), fused_ms=round(ms[True], 3),
-                   speedup=round(ms[False] / ms[True], 2), fused_failed=bool(_FUSED.get('failed')))
+                   speedup=round(ms[False] / ms[True], 2), fused_failed=bool(_FUSED.get('failed')), syncs_per_batch=syncs)
         print(f"{recipe:<6} {row['views']} views: eager {row['eager_ms']:8.2f} ms/batch, fused {row['fused_ms']:8.2f} ms/batch, "
-              f"{row['speedup']:.2f}x" + ('  (compilation failed: both eager)' if row['fused_failed'] else ''), flush=True)
+              f"{row['speedup']:.2f}x" + ('' if syncs is None else f", {syncs:g} host syncs/batch")
+              + ('  (compilation failed: both eager)' if row['fused_failed'] else ''), flush=True)
         rows.append(row)
     where = (f"cuda: {torch.cuda.get_device_name(device)}" if cuda else f"cpu: {torch.get_num_threads()} threads")
     print(f"\n{where}, {batch} images of {a.size} px per batch, {batches} timed batches, torch {torch.__version__}")

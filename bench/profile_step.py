@@ -56,7 +56,7 @@ from folk_nb.trainer import COMPILE_MODES
 from folk_nb.methods import METHODS
 
 if str(Path(__file__).resolve().parent) not in sys.path: sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, load_average, warn_if_busy, load_pair, command_line, append_rows  # noqa: E402
+from _common import RESULTS_DIR, load_average, warn_if_busy, load_pair, command_line, append_rows, SYNC_RUNTIME  # noqa: E402
 from train_step import (MODELS, GPU_MODELS, default_batch, build_method, first_batch, make_trainer, sync,  # noqa: E402
                         describe, add_step_arguments, resolve_step_arguments, failed_row)
 
@@ -114,8 +114,6 @@ KERNEL_RULES = (                                           # kernels launched ou
     ('elementwise', re.compile(r'elementwise|triton_poi|vectorized|unrolled', re.I)),
 )
 SYNC_OPS = ('aten::_local_scalar_dense', 'aten::nonzero')
-SYNC_RUNTIME = ('cudaStreamSynchronize', 'cudaDeviceSynchronize', 'cudaEventSynchronize', 'cudaMemcpy',
-                'cuStreamSynchronize', 'cuCtxSynchronize')
 
 
 def leaf_category(name: str) -> str:

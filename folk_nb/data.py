@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_data.ipynb #b6dc030a
 from __future__ import annotations
-import hashlib, math, os, shutil, tarfile, tempfile, time, warnings
+import functools, hashlib, math, os, shutil, tarfile, tempfile, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -746,11 +746,20 @@ def _fused_jitter_gray(v, factors, order, gray):
     return _jitter_gray(v, factors, order, gray)
 
 # %% ../nbs/20_data.ipynb #eae688bd
+@functools.lru_cache(maxsize=64)
+def _jitter_bounds(jitter: tuple, device: torch.device) -> tuple:
+    "(low, high - low) of the (brightness, contrast, saturation, hue) factors, made on `device` once and cached."
+    lo = torch.tensor([max(0.0, 1 - s) for s in jitter[:3]] + [-jitter[3]], device=device)
+    hi = torch.tensor([1 + s for s in jitter[:3]] + [jitter[3]], device=device)
+    return lo, hi - lo
+
 def augment_batch(
     x: Tensor,         # images (B, 3, H, W): uint8, or float in [0, 1]
     spec: ViewSpec,    # the view's augmentation
     generator=None,    # torch.Generator on x's device (None: the global RNG)
     fused: bool = False, # compile colour jitter + grayscale into a few kernels (see above; GPUDataLoader: on for CUDA)
+    subset: bool | None = None, # compute each random operation only on its images (needs host syncs); default: on
+                                # the CPU only; elsewhere whole-batch ops selected with torch.where, no host sync
 ) -> tuple:            # views (B, 3, S, S) float32 in [0, 1], boxes (B, 4), flipped (B,) bool
     "Draw one augmented view of every image of a batch, on the batch's device."
     if not isinstance(spec, ViewSpec): raise TypeError(f"spec must be a ViewSpec, got {type(spec).__name__}")
@@ -758,7 +767,7 @@ def augment_batch(
     check_images(x, 'x', channels=(3,))
     B, _, H, W = x.shape
     dev = x.device
-    subset = dev.type == 'cpu'  # on the CPU compute each operation only on its images; elsewhere avoid host syncs
+    if subset is None: subset = dev.type == 'cpu'
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)
     boxes = sample_crop_boxes(B, H, W, spec.scale, spec.ratio, generator, dev)
     flipped = rand(B) < spec.flip_p
@@ -766,9 +775,8 @@ def augment_batch(
     factors = order = gray = None
     if spec.jitter_p > 0:
         on = rand(B) < spec.jitter_p
-        lo = torch.tensor([max(0.0, 1 - s) for s in spec.jitter[:3]] + [-spec.jitter[3]], device=dev)
-        hi = torch.tensor([1 + s for s in spec.jitter[:3]] + [spec.jitter[3]], device=dev)
-        factors = lo + (hi - lo) * rand(B, 4)
+        lo, span = _jitter_bounds(tuple(spec.jitter), dev)
+        factors = lo + span * rand(B, 4)
         order = torch.where(on[:, None], rand(B, 4).argsort(1), -1)  # -1: no jitter for this image
     if spec.gray_p > 0: gray = rand(B) < spec.gray_p
     if fused and (factors is not None or gray is not None): v = _fused_jitter_gray(v, factors, order, gray)

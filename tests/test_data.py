@@ -687,3 +687,30 @@ def test_first_use_shows_progress_and_a_summary_reuse_is_silent(tmp_path, monkey
     load_folder_tensors(tmp_path / 'big', cache=False)
     out, err = capsys.readouterr()
     assert 'decoding big' in err and out.startswith("note: 1,000 images of") and 'decoded in' in out
+
+
+class _HostOps(torch.utils._python_dispatch.TorchDispatchMode):
+    "Records aten ops that read device values on the host or make tensors from host data (GPU stream syncs)."
+    HOST = ('_local_scalar_dense', 'nonzero', 'lift_fresh', 'is_nonzero', 'equal')
+
+    def __init__(self):
+        super().__init__(); self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket).split('.')[-1]
+        if name in self.HOST: self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('recipe', ['moco', 'folk', 'mae'])
+def test_device_path_of_a_view_makes_no_host_sync(recipe):
+    "subset=False (the GPU path): no host reads, no tensors from Python numbers once the jitter ranges are cached."
+    x = D.dataset_tensors('samples', size=40)['images'][:6]
+    for spec in D.view_specs(recipe, 32):
+        D.augment_batch(x, spec, torch.Generator().manual_seed(0), subset=False)           # caches the ranges
+        with _HostOps() as ops:
+            eager = D.augment_batch(x, spec, torch.Generator().manual_seed(1), subset=False)
+        assert ops.seen == [], (recipe, ops.seen)
+        cpu = D.augment_batch(x, spec, torch.Generator().manual_seed(1), subset=True)       # the CPU path: same views
+        torch.testing.assert_close(eager[0], cpu[0], atol=1e-5, rtol=0)
+    assert D._jitter_bounds(tuple(D.view_specs('moco', 32)[0].jitter), torch.device('cpu'))[0].shape == (4,)
