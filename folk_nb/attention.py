@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .spectrum import check_images, filter_image, frequency_coords
-from .checks import value_checks_enabled
+from .checks import value_checks_enabled, device_constant
 
 # %% auto #0
 __all__ = ['check_vit', 'unfused_attention', 'cls_attention', 'attention_map', 'attention_layers', 'box_resample',
@@ -325,9 +325,9 @@ class AttentionBank:
         if value_checks_enabled() and bool((~torch.isfinite(m) | (m < 0)).any()):
             raise ValueError("maps: expected finite, non-negative attention values")
         if tuple(m.shape[1:]) != self.size:
-            m = box_resample(m, torch.tensor([[0., 0., 1., 1.]], device=m.device).expand(len(m), 4), self.size)
+            m = box_resample(m, device_constant([[0., 0., 1., 1.]], m.device).expand(len(m), 4), self.size)
         self.maps[idx] = m
-        self.filled[idx] = True
+        self.filled.index_fill_(0, idx, True)           # (not `filled[idx] = True`: a host tensor per call)
 
     def aligned(
         self,
@@ -426,7 +426,7 @@ def frequency_prior(
     fx = frequency_coords(w, images.device) * gw / w
     keep = (fy[:, None] ** 2 + fx[None, :] ** 2) <= float(cutoff) ** 2
     energy = (grey - filter_image(grey, keep[None, None])) ** 2
-    full = torch.tensor([[0., 0., 1., 1.]], device=images.device).expand(len(images), 4)
+    full = device_constant([[0., 0., 1., 1.]], images.device).expand(len(images), 4)
     e = box_resample(energy[:, 0], full, (gh, gw))
     return e / e.sum((1, 2), keepdim=True).clamp_min(1e-12)
 
@@ -454,7 +454,7 @@ def famt_weights(
     gh, gw = a.shape[1:] if grid is None else _check_grid(grid, 'grid')
     if smooth_cutoff is not None: a = smooth_map(a, smooth_cutoff)
     if tuple(a.shape[1:]) != (gh, gw):
-        a = box_resample(a, torch.tensor([[0., 0., 1., 1.]], device=a.device).expand(b, 4), (gh, gw))
+        a = box_resample(a, device_constant([[0., 0., 1., 1.]], a.device).expand(b, 4), (gh, gw))
     a = a / a.sum((1, 2), keepdim=True).clamp_min(1e-12)
     if freq_prior:
         if images is None: raise ValueError("images: required when freq_prior=True (the views, in [0, 1])")

@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
+import functools
 import torch
+from torch.overrides import TorchFunctionMode
 
 # %% auto #0
-__all__ = ['SYNC_OPS', 'value_checks_enabled', 'value_checks', 'host_syncs']
+__all__ = ['SYNC_OPS', 'HOST_TO_DEVICE', 'value_checks_enabled', 'value_checks', 'host_syncs', 'device_constant']
 
 # %% ../nbs/00_checks.ipynb #0d8248ff
 _VALUE_CHECKS = ContextVar('folk_nb_value_checks', default=True)
@@ -34,11 +36,40 @@ def value_checks(
 # %% ../nbs/00_checks.ipynb #18440ffe
 SYNC_OPS = ('aten::_local_scalar_dense', 'aten::nonzero', 'aten::masked_select', 'aten::unique', 'aten::_unique',
             'aten::_unique2', 'aten::unique_dim', 'aten::unique_consecutive')
+HOST_TO_DEVICE = 'torch.tensor(host data, device=...)'   # the key `host_syncs` counts those calls under
+
+class _HostToDevice(TorchFunctionMode):
+    "Counts `torch.tensor` / `torch.as_tensor` calls on Python data (not a tensor) with an explicit device."
+    def __init__(self): super().__init__(); self.count = 0
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func in (torch.tensor, torch.as_tensor) and kwargs.get('device') is not None
+                and not (args and isinstance(args[0], torch.Tensor))):
+            self.count += 1
+        return func(*args, **kwargs)
 
 def host_syncs(
     fn,                # called with no argument
-) -> Counter:          # operator name -> count, for the operators of SYNC_OPS that ran
-    "Run `fn()` under the PyTorch profiler and count the operators that make the host wait for the device."
+) -> Counter:          # name -> count: the operators of SYNC_OPS that ran, and HOST_TO_DEVICE tensor creations
+    "Run `fn()` under the PyTorch profiler and count what makes the host wait for the device."
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof: fn()
-    return Counter(e.name for e in prof.events() if e.name in SYNC_OPS)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, _HostToDevice() as h2d: fn()
+    out = Counter(e.name for e in prof.events() if e.name in SYNC_OPS)
+    if h2d.count: out[HOST_TO_DEVICE] = h2d.count
+    return out
+
+# %% ../nbs/00_checks.ipynb #4bf738df
+@functools.lru_cache(maxsize=512)
+def _cached_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(values, device=device, dtype=dtype)
+
+def device_constant(
+    values,                         # a number or a (nested) sequence of numbers
+    device,                         # where the tensor lives
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:                  # read-only: shared by every caller with the same values, device and dtype
+    "A constant tensor on `device`, copied from the host once and cached (a host-to-device copy syncs a GPU stream)."
+    def frozen(v): return tuple(frozen(u) for u in v) if isinstance(v, (list, tuple)) else float(v) if dtype.is_floating_point else v
+    if torch.compiler.is_compiling(): return torch.tensor(values, device=device, dtype=dtype)
+    return _cached_constant(frozen(values), torch.device(device), dtype)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_data.ipynb #b6dc030a
 from __future__ import annotations
-import functools, hashlib, math, os, shutil, tarfile, tempfile, time, warnings
+import hashlib, math, os, shutil, tarfile, tempfile, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -20,6 +20,7 @@ from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .spectrum import check_images
+from .checks import device_constant
 from .images import sample_images, sample_names
 
 # %% auto #0
@@ -746,12 +747,12 @@ def _fused_jitter_gray(v, factors, order, gray):
     return _jitter_gray(v, factors, order, gray)
 
 # %% ../nbs/20_data.ipynb #eae688bd
-@functools.lru_cache(maxsize=64)
 def _jitter_bounds(jitter: tuple, device: torch.device) -> tuple:
-    "(low, high - low) of the (brightness, contrast, saturation, hue) factors, made on `device` once and cached."
-    lo = torch.tensor([max(0.0, 1 - s) for s in jitter[:3]] + [-jitter[3]], device=device)
-    hi = torch.tensor([1 + s for s in jitter[:3]] + [jitter[3]], device=device)
-    return lo, hi - lo
+    "(low, high - low) of the (brightness, contrast, saturation, hue) factors, on `device` (made once, cached)."
+    lo = [max(0.0, 1 - s) for s in jitter[:3]] + [-jitter[3]]
+    hi = [1 + s for s in jitter[:3]] + [jitter[3]]
+    span = [float(np.float32(h) - np.float32(l)) for h, l in zip(hi, lo)]   # float32 arithmetic, as on the device
+    return device_constant(lo, device), device_constant(span, device)
 
 def augment_batch(
     x: Tensor,         # images (B, 3, H, W): uint8, or float in [0, 1]

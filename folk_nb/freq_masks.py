@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 from .spectrum import (check_images, radial_frequency, rfft_image, amplitude_from_rfft, filter_rfft)
-from .checks import value_checks_enabled
+from .checks import value_checks_enabled, device_constant
 
 # %% auto #0
 __all__ = ['uniform_per_image', 'check_probability', 'default_mfm_radius', 'disc_mask', 'mfm_mask', 'normalized_amplitude',
@@ -126,7 +126,7 @@ def rcom_mask(
 def _folk_keep(norm_amp: Tensor, thresholds, com_prob: float, generator) -> Tensor:
     "FOLK keep-mask from a normalised amplitude (B, 1, H, W)."
     b, device = norm_amp.shape[0], norm_amp.device
-    t = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
+    t = device_constant(tuple(thresholds), device)     # cached on the device: no host-to-device copy per step
     pick = (uniform_per_image(b, generator, device) * len(thresholds)).long().clamp_max(len(thresholds) - 1)
     use_com = (uniform_per_image(b, generator, device) < com_prob).view(b, 1, 1, 1)
     strong = norm_amp >= t[pick].view(b, 1, 1, 1)

@@ -15,7 +15,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer, Block
 from einops import rearrange
 from .spectrum import check_images
-from .checks import value_checks_enabled
+from .checks import value_checks_enabled, device_constant
 from .patch_masks import gather_tokens  # select tokens by index sets (notebook 10)
 
 # %% auto #0
@@ -35,7 +35,7 @@ def _channel_stats(x: Tensor, mean, std) -> tuple:
     for name, v in (('mean', mean), ('std', std)):
         if len(v) not in (1, C): raise ValueError(f"{name} must have 1 or {C} values (one per channel of x), got {len(v)}")
     if min(std) <= 0: raise ValueError(f"std must be positive, got {std}")
-    as_t = lambda v: torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    as_t = lambda v: device_constant(v, x.device, x.dtype).view(1, -1, 1, 1)   # made once: no copy (sync) per call
     return as_t(mean), as_t(std)
 
 # %% ../nbs/21_models.ipynb #40ad542a

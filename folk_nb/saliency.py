@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .spectrum import check_images
-from .checks import value_checks_enabled
+from .checks import value_checks_enabled, device_constant
 from .patch_masks import _check_generator   # the same generator check as the patch masks (notebook 10)
 from .models import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
@@ -130,7 +130,7 @@ def spectral_residual_saliency(
     B, C, H, W = x.shape
     g = x.float()
     if C == 3:
-        g = (g * torch.tensor(_LUMA, device=g.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        g = (g * device_constant(_LUMA, g.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     scale = size / max(H, W)
     h, w = max(1, round(H * scale)), max(1, round(W * scale))
     if (h, w) != (H, W):

@@ -432,3 +432,46 @@ def test_channels_last_defaults_to_cnns_on_cuda_only(tmp_path):
     t = Trainer(m, FixedLoader(), config(tmp_path))                 # CPU: left as it is
     assert t.channels_last is False and all(w.is_contiguous() for w in m.parameters())
     with pytest.raises(ValueError, match='channels_last must be True, False or None'): TrainConfig(channels_last='yes')
+
+
+class _HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    "Records (trainer step, op) for every aten op that reads device values on the host or makes a tensor from host data."
+    HOST = ('_local_scalar_dense', 'nonzero', 'lift_fresh', 'is_nonzero', 'equal', 'masked_select', 'unique')
+
+    def __init__(self, trainer):
+        super().__init__(); self.trainer, self.seen = trainer, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket).split('.')[-1]
+        if name in self.HOST: self.seen.append((self.trainer.step, name))
+        return func(*args, **(kwargs or {}))
+
+
+LOOP_METHODS = {
+    'moco': dict(model='test_resnet', img_size=32, cifar_stem=True, queue_size=16),
+    'saliency_moco': dict(model='test_resnet', img_size=32, cifar_stem=True, queue_size=16),
+    'mae': dict(model='vit_tiny_patch16_224', img_size=32, patch_size=4, model_kwargs={'depth': 1}),
+    'mfm': dict(model='vit_tiny_patch16_224', img_size=32, patch_size=4, model_kwargs={'depth': 1}),
+    'folk': dict(model='vit_tiny_patch16_224', img_size=32, patch_size=4, model_kwargs={'depth': 1}, out_dim=64),
+}
+
+
+@pytest.mark.parametrize('name', list(LOOP_METHODS))
+def test_the_training_loop_on_the_device_path_never_waits_for_the_device(name, tmp_path, monkeypatch):
+    """Loader + step + loop, as on a GPU (sync-free steps, the loader's whole-batch path): after the first step (value
+    checks, the host-side loss guard), no step reads a value on the host or copies Python numbers to the device, until
+    the last one (its log row). On a GPU each of those would stall the queue. (FAMT's refresh windows make their two
+    documented syncs: tests/test_checks.py.)"""
+    import functools
+    from folk_nb import data as D
+    from folk_nb.methods import create_method
+    monkeypatch.setattr(D, 'augment_batch', functools.partial(D.augment_batch, subset=False))
+    torch.manual_seed(0)
+    m = create_method(name, **LOOP_METHODS[name])
+    loader = D.create_loader('samples', recipe=m.recipe, size=32, batch_size=8, device='cpu', epoch_size=32)
+    t = Trainer(m, loader, TrainConfig(epochs=2, lr=1e-3, out_dir=str(tmp_path), progress=False, log_every=1000,
+                                       ckpt_every=10 ** 9, sync_free=True))
+    with _HostWaits(t) as waits: t.fit()
+    assert t.step == 8
+    assert [(s, op) for s, op in waits.seen if 1 <= s < t.step - 1] == []
+    assert any(s == 0 for s, _ in waits.seen)            # the detector sees the first step's checks
