@@ -35,7 +35,8 @@ def value_checks(
 
 # %% ../nbs/00_checks.ipynb #18440ffe
 SYNC_OPS = ('aten::_local_scalar_dense', 'aten::nonzero', 'aten::masked_select', 'aten::unique', 'aten::_unique',
-            'aten::_unique2', 'aten::unique_dim', 'aten::unique_consecutive')
+            'aten::_unique2', 'aten::unique_dim', 'aten::unique_consecutive',
+            'aten::bincount')   # sizes its output by the largest value: a read-back on a GPU, none on the CPU
 HOST_TO_DEVICE = 'torch.tensor(host data, device=...)'   # the key `host_syncs` counts those calls under
 
 class _HostToDevice(TorchFunctionMode):

@@ -237,7 +237,8 @@ def patch_saliency(
     gh, gw = _check_grid(grid, H, W, 'saliency map (pass image_size to resample it)')
     pid = patch_index_map(H, W, (gh, gw), device=s.device).flatten()
     sums = torch.zeros(B, gh * gw, device=s.device).index_add_(1, pid, s.reshape(B, H * W))
-    return sums / torch.bincount(pid, minlength=gh * gw).float()
+    counts = torch.zeros(gh * gw, device=s.device).index_add_(0, pid, torch.ones(H * W, device=s.device))
+    return sums / counts                                         # (not torch.bincount: on a GPU it reads a max back)
 
 # %% ../nbs/12_saliency.ipynb #74865deb
 def foreground_patches(

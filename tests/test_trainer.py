@@ -436,7 +436,7 @@ def test_channels_last_defaults_to_cnns_on_cuda_only(tmp_path):
 
 class _HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
     "Records (trainer step, op) for every aten op that reads device values on the host or makes a tensor from host data."
-    HOST = ('_local_scalar_dense', 'nonzero', 'lift_fresh', 'is_nonzero', 'equal', 'masked_select', 'unique')
+    HOST = ('_local_scalar_dense', 'nonzero', 'lift_fresh', 'is_nonzero', 'equal', 'masked_select', 'unique', 'bincount')
 
     def __init__(self, trainer):
         super().__init__(); self.trainer, self.seen = trainer, []
