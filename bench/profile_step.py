@@ -27,9 +27,11 @@ steps, then `--steps` plain timed steps (`step_ms`: their median, no profiler), 
   the kernel time of the ops launched inside it (any thread, so backward counts) over the step's kernel time. `share`
   is the device share on CUDA, the host share on CPU. Ranges measure the forward-side work of what they wrap, and
   they vanish inside a `--compile`d forward (those shares read '-');
-- **counts**: aten ops, CUDA kernels, host syncs (aten::_local_scalar_dense and aten::nonzero on CPU; on CUDA the
-  blocking runtime calls cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize / cudaMemcpy), with
-  aten::item and DtoH copies listed too, and where the syncs happen (the innermost range around each);
+- **counts**: aten ops, CUDA kernels, host syncs (on CPU the host reads of `folk_nb.checks.SYNC_OPS`, such as
+  aten::_local_scalar_dense, aten::nonzero and aten::bincount, plus tensors made from Python numbers with an
+  explicit device, which are blocking copies on a GPU; on CUDA the blocking runtime calls cudaStreamSynchronize /
+  cudaDeviceSynchronize / cudaEventSynchronize / cudaMemcpy), with aten::item and DtoH copies listed too, and where
+  the syncs happen (the innermost range around each);
 - **FAMT**: with `--at` past its first refresh point, FAMT masks by its attention bank. The fixed batch holds only
   some of the dataset's images, so the bench marks the other images' maps current: the steady state between refresh
   windows. `--famt-refresh` profiles a step inside a refresh window instead (the epoch after each refresh point, when
@@ -113,7 +115,7 @@ KERNEL_RULES = (                                           # kernels launched ou
     ('reduction', re.compile(r'reduce|triton_red|triton_per|sort|argmax|norm', re.I)),
     ('elementwise', re.compile(r'elementwise|triton_poi|vectorized|unrolled', re.I)),
 )
-SYNC_OPS = ('aten::_local_scalar_dense', 'aten::nonzero')
+from folk_nb.checks import SYNC_OPS, HOST_TO_DEVICE, _HostToDevice   # noqa: E402  (the library's list of host reads)
 
 
 def leaf_category(name: str) -> str:
@@ -409,7 +411,7 @@ def profile_one(method_name: str, model_key: str, batch: int, steps: int, warmup
             with patched(method_ranges(method, notes) + trainer_ranges(trainer, method)):
                 step(); sync(device)                                         # once with the ranges (recompiles, if any)
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-                with profile(activities=activities) as prof:
+                with profile(activities=activities) as prof, _HostToDevice() as h2d:
                     for _ in range(steps):
                         if reopen: reopen()
                         with record_function(PREFIX + 'step'): trainer.train_step(b)
@@ -421,6 +423,8 @@ def profile_one(method_name: str, model_key: str, batch: int, steps: int, warmup
             prof.export_chrome_trace(str(path))
             row['trace'] = str(path)
         row.update(analyse(prof.events(), cuda, steps, dt * 1e3))
+        row['syncs'][HOST_TO_DEVICE] = h2d.count / steps     # Python numbers copied to the step's device
+        if not cuda: row['host_syncs'] += h2d.count / steps  # (on CUDA the runtime's sync calls count them already)
     except Exception as e:  # one broken method must not end the whole matrix
         return failed_row(row, e)
     finally:
