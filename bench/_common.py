@@ -10,6 +10,13 @@ SYNC_RUNTIME = ('cudaStreamSynchronize', 'cudaDeviceSynchronize', 'cudaEventSync
                 'cuStreamSynchronize', 'cuCtxSynchronize')
 
 
+def device_words(device) -> str:
+    "The device as the .jsonl rows name it: 'cuda: <GPU name>' or 'cpu: <N> threads'."
+    import torch
+    if device.type == 'cuda': return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {torch.get_num_threads()} threads"
+
+
 def load_average():
     "The machine's 1-minute load average (None where the OS has none)."
     return os.getloadavg()[0] if hasattr(os, 'getloadavg') else None

@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SYNC_RUNTIME, append_rows, command_line, load_average, load_pair  # noqa: E402
+from _common import SYNC_RUNTIME, append_rows, command_line, device_words, load_average, load_pair  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'loader.jsonl'
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
               f"{row['speedup']:.2f}x" + ('' if syncs is None else f", {syncs:g} host syncs/batch")
               + ('  (compilation failed: both eager)' if row['fused_failed'] else ''), flush=True)
         rows.append(row)
-    where = (f"cuda: {torch.cuda.get_device_name(device)}" if cuda else f"cpu: {torch.get_num_threads()} threads")
+    where = device_words(device)
     print(f"\n{where}, {batch} images of {a.size} px per batch, {batches} timed batches, torch {torch.__version__}")
     if not a.no_save:
         append_rows(RESULTS, rows, 'loader', command_line('bench/loader.py', argv), where, size=a.size, batch=batch,

@@ -26,7 +26,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_rows, command_line, load_average, load_pair, warn_if_busy  # noqa: E402
+from _common import append_rows, command_line, device_words, load_average, load_pair, warn_if_busy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'split_bn.jsonl'
 SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]     # (channels, side) of the CIFAR-stem ResNet-18 stages at 32 px
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
         if s not in ('nchw', 'channels_last'): raise SystemExit(f"unknown layout {s!r}: use nchw, channels_last")
     for s in dtypes:
         if s not in DTYPES: raise SystemExit(f"unknown dtype {s!r}: use {', '.join(DTYPES)}")
-    dev_name = (f"cuda: {torch.cuda.get_device_name(device)}" if cuda
-                else f"cpu: {torch.get_num_threads()} threads")
+    dev_name = device_words(device)
     print(f"device {dev_name}; batch {batch}, {a.splits} splits; {iters} timed forward + backward passes per layer")
     print(f"{'layer':<12} {'layout':<14} {'dtype':<5} {'plain ms':>9} {'split ms':>9} {'eager ms':>9} "
           f"{'split/plain':>12} {'eager/split':>12}")
