@@ -3,7 +3,7 @@
     python bench/cifar10_table.py --budget 2.5 [--methods mae,mfm,folk,famt,moco,saliency_moco]
                                   [--archive PATH/cifar10-jpg.tar.gz] [--data-root data] [--runs runs/cifar10-table]
                                   [--results results] [--device cuda] [--smoke]
-                                  [--method-args JSON] [--record-field KEY=TEXT ...]
+                                  [--method-args JSON] [--pretrain-args ARGS] [--record-field KEY=TEXT ...]
 
 For each method this runs, in one process and in order:
 1. `folk_nb_pretrain` (`folk_nb.cli.main`) on the CIFAR-10 training split with `--time-budget BUDGET`: the trainer
@@ -18,12 +18,13 @@ The run folders (`args.json`, `config.json`, `log.csv`, `summary.json`, `train.l
 testing the script itself (its records go to `--results` too, so point it at a scratch folder).
 
 Ablations and target runs without editing the recipes: `--method-args '{"bn_splits": 8}'` is merged over the
-recipe's method arguments of every method run, and each `--record-field KEY=TEXT` is stored in every record written
+recipe's method arguments of every method run, `--pretrain-args '--channels-last off'` is added to every
+`folk_nb_pretrain` command (and stored as `pretrain_args_extra`), and each `--record-field KEY=TEXT` is stored in every record written
 (e.g. `--record-field ablation='MoCo with split BN'`, `--record-field note='code: commit ...'`), next to the
 `method_args_override` the records then carry. Every record gets a `budget` field; the results notebook's table
 takes the newest budgeted records per method, except those with an `ablation` or `target_run` field.
 """
-import argparse, contextlib, io, json, shutil, sys, time, traceback
+import argparse, contextlib, io, json, shlex, shutil, sys, time, traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,8 @@ def parse_method_args(ap: argparse.ArgumentParser, text) -> dict:
 
 
 RESERVED_FIELDS = ('format', 'method', 'model', 'data', 'protocol', 'metric', 'value', 'epochs', 'gpu_minutes',
-                   'img_per_s', 'command', 'git_commit', 'device', 'date', 'budget', 'method_args_override')
+                   'img_per_s', 'command', 'git_commit', 'device', 'date', 'budget', 'method_args_override',
+                   'pretrain_args_extra')
 
 
 def parse_record_fields(ap: argparse.ArgumentParser, items: list) -> dict:
@@ -132,11 +134,15 @@ def main(argv=None) -> int:
     ap.add_argument('--device', default=None)
     ap.add_argument('--smoke', action='store_true', help='tiny budget and evaluation subsets: tests this script')
     ap.add_argument('--method-args', default=None, help="JSON dict merged over every recipe's method arguments")
+    ap.add_argument('--pretrain-args', default='', metavar='ARGS',
+                    help="extra folk_nb_pretrain arguments for every run, e.g. '--channels-last off'")
     ap.add_argument('--record-field', action='append', default=[], metavar='KEY=TEXT',
                     help='a field stored in every record written (repeatable), e.g. ablation=... or note=...')
     a = ap.parse_args(argv)
     override = parse_method_args(ap, a.method_args)
     fields = parse_record_fields(ap, a.record_field)
+    extra = shlex.split(a.pretrain_args)
+    if extra: fields['pretrain_args_extra'] = a.pretrain_args
     from folk_nb import cli, eval as ev
     methods = [m for m in a.methods.split(',') if m]
     unknown = [m for m in methods if m not in RECIPES]
@@ -153,7 +159,7 @@ def main(argv=None) -> int:
                 argv = ['--method', name, '--data', 'cifar10', '--data-root', a.data_root, '--archive', a.archive,
                         '--batch-size', str(a.batch_size), '--time-budget', str(budget), '--epochs', '100000',
                         '--ckpt-every', '100000000', '--log-every', '25', '--no-progress', '--out', str(out),
-                        *recipe_argv(RECIPES[name], override), *(['--device', a.device] if a.device else [])]
+                        *recipe_argv(RECIPES[name], override), *(['--device', a.device] if a.device else []), *extra]
                 if a.smoke: argv += ['--model-args', json.dumps({'depth': 2})] if 'vit' in ' '.join(RECIPES[name]) else []
                 print('folk_nb_pretrain', ' '.join(argv), flush=True)
                 s = cli.main(argv)

@@ -797,7 +797,8 @@ def test_cifar10_table_smoke_with_an_ablation(tmp_path, cifar10_archive, cifar10
     res = tmp_path / 'res'
     rc = table.main(['--smoke', '--methods', 'moco', '--batch-size', '32', '--device', 'cpu',
                      '--archive', str(cifar10_archive), '--data-root', str(cifar10_root), '--runs', str(tmp_path / 'runs'),
-                     '--results', str(res), '--method-args', '{"bn_splits": 4}', '--record-field', 'ablation=split BN'])
+                     '--results', str(res), '--method-args', '{"bn_splits": 4}', '--record-field', 'ablation=split BN',
+                     '--pretrain-args', '--channels-last off'])
     assert rc == 0
     config = json.loads((tmp_path / 'runs' / 'moco' / 'config.json').read_text())
     assert config['method_config']['bn_splits'] == 4 and config['method_config']['queue_size'] == 4096   # merged
@@ -805,4 +806,6 @@ def test_cifar10_table_smoke_with_an_ablation(tmp_path, cifar10_archive, cifar10
     assert sorted(r['protocol'] for r in records) == ['knn', 'linear']
     for r in records:
         assert r['method_args_override'] == {'bn_splits': 4} and r['ablation'] == 'split BN'
-        assert r['budget'].startswith('0.05 training minutes')
+        assert r['budget'].startswith('0.05 training minutes') and r['pretrain_args_extra'] == '--channels-last off'
+    args = json.loads((tmp_path / 'runs' / 'moco' / 'args.json').read_text())
+    assert args['channels_last'] == 'off'                                  # the extra argument reached the run
