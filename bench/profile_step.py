@@ -59,7 +59,7 @@ from folk_nb.methods import METHODS
 
 if str(Path(__file__).resolve().parent) not in sys.path: sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, load_average, warn_if_busy, load_pair, command_line, append_rows, SYNC_RUNTIME  # noqa: E402
-from train_step import (MODELS, GPU_MODELS, default_batch, build_method, first_batch, make_trainer, sync,  # noqa: E402
+from train_step import (MODELS, GPU_MODELS, default_batch, build_method, first_batch, famt_bank, make_trainer, sync,  # noqa: E402
                         describe, add_step_arguments, resolve_step_arguments, failed_row)
 
 RESULTS = RESULTS_DIR / 'profile_step.jsonl'
@@ -372,22 +372,6 @@ def median_step(fn, warmup: int, steps: int, device: torch.device) -> tuple:
     for _ in range(steps):
         t = time.perf_counter(); fn(); sync(device); times.append(time.perf_counter() - t)
     return statistics.median(times), (torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None)
-
-
-def famt_bank(method, refresh_window: bool, notes: list):
-    "FAMT after a refresh point: close its refresh window (steady state), or a function that reopens it before a step."
-    if getattr(method, 'attention_source', None) != 'bank' or not getattr(method, 'version', 0): return None
-    if refresh_window:
-        notes.append("FAMT in a refresh window: every step recomputes the batch's attention (refresh_bank), as in the "
-                     "epoch after each refresh point")
-        def reopen():                                      # as FAMT.schedule does at a refresh point: no sync
-            method.bank_version.fill_(method.version - 1); method._pending = True
-        return reopen
-    if method.pending:                                     # the fixed batch holds only some of the dataset's images
-        method.bank_version.fill_(method.version); method._pending = False
-        notes.append("FAMT steady state: the bank maps of images outside the fixed batch were marked current, as at "
-                     "the end of a refresh window's epoch")
-    return None
 
 
 def profile_one(method_name: str, model_key: str, batch: int, steps: int, warmup: int, device: torch.device,

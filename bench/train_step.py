@@ -20,8 +20,10 @@ For every method x model:
   CUDA), so the speed-up there is ~1 up to noise;
 - `--at F` sets the methods' schedules to the fraction F of a run before timing (default 0, the first step). FAMT
   masks randomly (75%) until its first attention refresh at 10% of the schedule, so `--at 0.5` measures its
-  steady state: masking 45% and throwing 40% of the patches, with the attention of the (fixed) batch refreshed
-  during the warm-up steps;
+  steady state: masking 45% and throwing 40% of the patches. The fixed batch's attention is refreshed once before
+  timing, and the bank maps of the other images are marked current (`famt_bank`, row note), as at the end of a
+  refresh window's epoch. Rows before 2026-11-23 lacked that last part, so their timed steps were still inside
+  the refresh window and made its two host syncs each;
 - **SaliencyMoCo's saliency map**: the FLOPs of the query view's saliency map (`saliency_map_flops_per_img`) and
   their share of a plain MoCo step on the same model and batch (`saliency_map_flop_share`): a device-independent
   floor for the masking's time share;
@@ -163,6 +165,22 @@ def first_batch(method, model_key: str, batch: int, device: torch.device, at: fl
     return b
 
 
+def famt_bank(method, refresh_window: bool, notes: list):
+    "FAMT after a refresh point: close its refresh window (steady state), or a function that reopens it before a step."
+    if getattr(method, 'attention_source', None) != 'bank' or not getattr(method, 'version', 0): return None
+    if refresh_window:
+        notes.append("FAMT in a refresh window: every step recomputes the batch's attention (refresh_bank), as in the "
+                     "epoch after each refresh point")
+        def reopen():                                      # as FAMT.schedule does at a refresh point: no sync
+            method.bank_version.fill_(method.version - 1); method._pending = True
+        return reopen
+    if method.pending:                                     # the fixed batch holds only some of the dataset's images
+        method.bank_version.fill_(method.version); method._pending = False
+        notes.append("FAMT steady state: the bank maps of images outside the fixed batch were marked current, as at "
+                     "the end of a refresh window's epoch")
+    return None
+
+
 def make_trainer(method, b: dict, batch: int, device: torch.device, amp: str, compile: bool, out_dir: str):
     "The trainer whose `train_step` is measured (schedule of 10^6 steps, nothing logged)."
     from folk_nb.trainer import Trainer, TrainConfig, DistInfo
@@ -200,6 +218,9 @@ def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: 
     if method is None: return row
     try:
         b = first_batch(method, model_key, batch, device, at)
+        notes = []
+        famt_bank(method, False, notes)       # FAMT past a refresh point: its steady state, not a refresh window
+        if notes: row['notes'] = notes
         # FLOPs: one fp32 forward + backward
         flops = count_flops(lambda: method(b)['loss'].backward())
         method.zero_grad(set_to_none=True)
@@ -256,6 +277,7 @@ def print_table(rows: list, peak: dict) -> None:
               f"{fmt(r['peak_mem_gb'], '8.2f'):>8}{r['flops_per_img'] / 1e9:>11.2f}{r['achieved_tflops']:>9.3f}"
               f"{fmt(r.get('mfu') and 100 * r['mfu'], '6.1f'):>6}%{r['plain_img_per_s']:>13.1f}{r['speedup']:>8.2f}x")
     for r in rows:
+        for n in r.get('notes') or (): print(f"{r['method']} x {r['model']}: {n}")
         if r.get('saliency_map_flop_share') is not None:
             print(f"{r['method']} x {r['model']}: the query's saliency map is {100 * r['saliency_map_flop_share']:.1f}% "
                   f"of a MoCo step's FLOPs ({r['saliency_map_flops_per_img'] / 1e9:.3f} of "

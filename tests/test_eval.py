@@ -809,3 +809,16 @@ def test_cifar10_table_smoke_with_an_ablation(tmp_path, cifar10_archive, cifar10
         assert r['budget'].startswith('0.05 training minutes') and r['pretrain_args_extra'] == '--channels-last off'
     args = json.loads((tmp_path / 'runs' / 'moco' / 'args.json').read_text())
     assert args['channels_last'] == 'off'                                  # the extra argument reached the run
+
+
+def test_bench_times_famt_in_its_steady_state():
+    "At --at 0.5 the timed FAMT steps are outside a refresh window: the bank of the other images is marked current."
+    bench = load_bench()
+    row = bench.bench_one('famt', 'vit_micro_p4_32', batch=4, steps=1, warmup=1, device=torch.device('cpu'), at=0.5)
+    assert row['status'] == 'ok', row
+    assert any('steady state' in n for n in row['notes'])
+    method, _ = bench.build_method('famt', 'vit_micro_p4_32', 4, torch.device('cpu'), None, 0.5)
+    b = bench.first_batch(method, 'vit_micro_p4_32', 4, torch.device('cpu'), 0.5)
+    assert method.pending                                   # without famt_bank: still in the refresh window
+    bench.famt_bank(method, False, [])
+    assert not method.pending
