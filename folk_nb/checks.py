@@ -65,12 +65,16 @@ def _cached_constant(values: tuple, device: torch.device, dtype: torch.dtype) ->
     with torch.inference_mode(False), torch.no_grad():
         return torch.tensor(values, device=device, dtype=dtype)
 
+def _hashable(values, floating: bool):
+    "Nested lists / tuples of numbers as nested tuples (floats when `floating`): a cache key."
+    if isinstance(values, (list, tuple)): return tuple(_hashable(v, floating) for v in values)
+    return float(values) if floating else values
+
 def device_constant(
     values,                         # a number or a (nested) sequence of numbers
     device,                         # where the tensor lives
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:                  # read-only: shared by every caller with the same values, device and dtype
     "A constant tensor on `device`, copied from the host once and cached (a host-to-device copy syncs a GPU stream)."
-    def frozen(v): return tuple(frozen(u) for u in v) if isinstance(v, (list, tuple)) else float(v) if dtype.is_floating_point else v
     if torch.compiler.is_compiling(): return torch.tensor(values, device=device, dtype=dtype)
-    return _cached_constant(frozen(values), torch.device(device), dtype)
+    return _cached_constant(_hashable(values, dtype.is_floating_point), torch.device(device), dtype)
