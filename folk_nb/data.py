@@ -794,6 +794,14 @@ def _mix(*ints) -> int:
     "One 63-bit seed from several integers."
     return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, dtype=np.uint64)[0]) & (2 ** 63 - 1)
 
+def _spec_groups(specs) -> list:
+    "Runs of equal consecutive view specs as (spec, count): the views one `augment_batch` call draws together."
+    groups = []
+    for s in specs:
+        if groups and groups[-1][0] == s: groups[-1][1] += 1
+        else: groups.append([s, 1])
+    return [tuple(g) for g in groups]
+
 class GPUDataLoader:
     "Batches of augmented views from a uint8 image tensor kept on `device`: order, crops, flips and colour all made there."
     def __init__(self,
@@ -872,11 +880,14 @@ class GPUDataLoader:
         idx = self.epoch_indices(epoch).to(self.device)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(_mix(self.seed, epoch, self.rank, 1))
-        bs = self.batch_size
+        bs, groups = self.batch_size, _spec_groups(self.specs)
         for b in range(len(self)):
             i = idx[b * bs:(b + 1) * bs]
             x = self.images[i]
-            out = [augment_batch(x, s, gen, self.fused_augment) for s in self.specs]
+            out = []
+            for s, k in groups:                     # k equal views: one call on the batch repeated k times
+                v, bx, fl = augment_batch(x.repeat(k, 1, 1, 1) if k > 1 else x, s, gen, self.fused_augment)
+                out += list(zip(v.chunk(k), bx.chunk(k), fl.chunk(k)))
             yield dict(views=[o[0] for o in out], boxes=[o[1] for o in out], flipped=[o[2] for o in out],
                        target=self.targets[i], index=i)
 

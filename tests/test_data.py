@@ -714,3 +714,31 @@ def test_device_path_of_a_view_makes_no_host_sync(recipe):
         cpu = D.augment_batch(x, spec, torch.Generator().manual_seed(1), subset=True)       # the CPU path: same views
         torch.testing.assert_close(eager[0], cpu[0], atol=1e-5, rtol=0)
     assert D._jitter_bounds(tuple(D.view_specs('moco', 32)[0].jitter), torch.device('cpu'))[0].shape == (4,)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__(); self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_equal_views_are_drawn_in_one_call(monkeypatch):
+    "MoCo's two views (one recipe) come from one augment_batch call on the batch repeated: about half the ops."
+    import functools
+    monkeypatch.setattr(D, 'augment_batch', functools.partial(D.augment_batch, subset=False))   # the GPU path
+    imgs = D.dataset_tensors('samples', size=32)['images']
+    counts = {}
+    for label, groups in (('merged', D._spec_groups), ('per view', lambda specs: [(s, 1) for s in specs])):
+        monkeypatch.setattr(D, '_spec_groups', groups)
+        loader = GPUDataLoader(imgs, views='moco', batch_size=16, epoch_size=48, device='cpu', size=32, seed=0,
+                               fused_augment=False)
+        it = iter(loader); b0 = next(it)
+        with _CountOps() as c: next(it)
+        counts[label] = c.n
+        assert len(b0['views']) == 2 and b0['views'][0].shape == (16, 3, 32, 32)
+        assert not torch.equal(b0['boxes'][0], b0['boxes'][1])
+    assert counts['merged'] < 0.6 * counts['per view'], counts
+    assert [k for _, k in D._spec_groups(D.view_specs('folk', 32))] == [1, 1]      # different recipes: two calls
