@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     override = parse_method_args(ap, a.method_args)
     fields = parse_record_fields(ap, a.record_field)
-    extra = shlex.split(a.pretrain_args)
+    try: extra = shlex.split(a.pretrain_args)
+    except ValueError as e: ap.error(f"--pretrain-args is not a valid argument string ({e}): {a.pretrain_args!r}")
     if extra: fields['pretrain_args_extra'] = a.pretrain_args
     from folk_nb import cli, eval as ev
     methods = [m for m in a.methods.split(',') if m]

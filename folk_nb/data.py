@@ -768,6 +768,7 @@ def augment_batch(
     check_images(x, 'x', channels=(3,))
     B, _, H, W = x.shape
     dev = x.device
+    if subset not in (None, True, False): raise TypeError(f"subset must be True, False or None (the device decides), got {subset!r}")
     if subset is None: subset = dev.type == 'cpu'
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)
     boxes = sample_crop_boxes(B, H, W, spec.scale, spec.ratio, generator, dev)

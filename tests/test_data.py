@@ -18,7 +18,9 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from aten_ops import AtenOps
 from folk_nb import data as D
+from folk_nb.checks import host_syncs
 from folk_nb.data import (CIFAR10_CLASSES, DATASET_STATS, CorruptImageWarning, GPUDataLoader, ImageFolderDataset,
                           RandomResizedCropFlip, ViewSpec, augment_batch, channel_stats, color_jitter, create_dataset,
                           create_loader, dataset_tensors, gaussian_blur, load_folder_tensors, make_transform,
@@ -689,40 +691,19 @@ def test_first_use_shows_progress_and_a_summary_reuse_is_silent(tmp_path, monkey
     assert 'decoding big' in err and out.startswith("note: 1,000 images of") and 'decoded in' in out
 
 
-class _HostOps(torch.utils._python_dispatch.TorchDispatchMode):
-    "Records aten ops that read device values on the host or make tensors from host data (GPU stream syncs)."
-    HOST = ('_local_scalar_dense', 'nonzero', 'lift_fresh', 'is_nonzero', 'equal')
-
-    def __init__(self):
-        super().__init__(); self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket).split('.')[-1]
-        if name in self.HOST: self.seen.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('recipe', ['moco', 'folk', 'mae'])
 def test_device_path_of_a_view_makes_no_host_sync(recipe):
-    "subset=False (the GPU path): no host reads, no tensors from Python numbers once the jitter ranges are cached."
+    "subset=False (the GPU path): `host_syncs` finds no host read and no tensor made from Python numbers on the device."
     x = D.dataset_tensors('samples', size=40)['images'][:6]
     for spec in D.view_specs(recipe, 32):
         D.augment_batch(x, spec, torch.Generator().manual_seed(0), subset=False)           # caches the ranges
-        with _HostOps() as ops:
-            eager = D.augment_batch(x, spec, torch.Generator().manual_seed(1), subset=False)
-        assert ops.seen == [], (recipe, ops.seen)
+        out = []
+        syncs = host_syncs(lambda: out.append(D.augment_batch(x, spec, torch.Generator().manual_seed(1), subset=False)))
+        assert syncs == {}, (recipe, dict(syncs))
+        eager = out[0]
         cpu = D.augment_batch(x, spec, torch.Generator().manual_seed(1), subset=True)       # the CPU path: same views
         torch.testing.assert_close(eager[0], cpu[0], atol=1e-5, rtol=0)
     assert D._jitter_bounds(tuple(D.view_specs('moco', 32)[0].jitter), torch.device('cpu'))[0].shape == (4,)
-
-
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__(); self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_equal_views_are_drawn_in_one_call(monkeypatch):
@@ -736,8 +717,8 @@ def test_equal_views_are_drawn_in_one_call(monkeypatch):
         loader = GPUDataLoader(imgs, views='moco', batch_size=16, epoch_size=48, device='cpu', size=32, seed=0,
                                fused_augment=False)
         it = iter(loader); b0 = next(it)
-        with _CountOps() as c: next(it)
-        counts[label] = c.n
+        with AtenOps() as c: next(it)
+        counts[label] = len(c.seen)
         assert len(b0['views']) == 2 and b0['views'][0].shape == (16, 3, 32, 32)
         assert not torch.equal(b0['boxes'][0], b0['boxes'][1])
     assert counts['merged'] < 0.6 * counts['per view'], counts

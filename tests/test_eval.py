@@ -794,6 +794,9 @@ def test_cifar10_table_smoke_with_an_ablation(tmp_path, cifar10_archive, cifar10
     with pytest.raises(SystemExit):
         table.main(['--record-field', 'budget=x'])                         # a field the records set themselves
     assert 'records set that field themselves' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        table.main(['--pretrain-args', '--channels-last "off'])              # an unclosed quote
+    assert '--pretrain-args is not a valid argument string' in capsys.readouterr().err
     res = tmp_path / 'res'
     rc = table.main(['--smoke', '--methods', 'moco', '--batch-size', '32', '--device', 'cpu',
                      '--archive', str(cifar10_archive), '--data-root', str(cifar10_root), '--runs', str(tmp_path / 'runs'),

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import folk_nb.moco as moco_mod
 from folk_nb.methods import create_method
 from folk_nb.moco import MoCo, SaliencyMoCo, contrastive_logits, enqueue, info_nce, positive_accuracy
+from aten_ops import AtenOps
 from folk_nb.saliency import cnn_saliency, foreground_patches, patch_pixel_mask, patch_saliency
 
 VIT = dict(model='vit_tiny_patch16_224', img_size=32, patch_size=8, model_kwargs=dict(depth=1, embed_dim=64, num_heads=2))
@@ -483,32 +484,22 @@ def test_split_batchnorm_matches_per_split_batch_norm(layout, dtype):
     torch.testing.assert_close(bn(x2), F.batch_norm(x2, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
 
 
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    "Counts the aten ops run inside it, by name (overload packet)."
-    def __init__(self):
-        super().__init__(); self.ops = {}
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket).split('.')[-1]
-        self.ops[name] = self.ops.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('layout', ['nchw', 'channels_last'])
 def test_split_batchnorm_is_one_batch_norm_op(layout):
     "The split statistics come from one BN op over a view (no per-split loop, no element-wise statistics)."
     bn = moco_mod.SplitBatchNorm2d(8, num_splits=4)
     x = torch.randn(16, 8, 4, 4, requires_grad=True)
     if layout == 'channels_last': x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    with _CountOps() as fwd: y = bn(x)
-    with _CountOps() as bwd: y.sum().backward()
-    norms = {k: v for k, v in fwd.ops.items() if 'batch_norm' in k}
-    assert sum(norms.values()) == 1, fwd.ops
-    assert not any(k in fwd.ops for k in ('var_mean', 'var', 'rsqrt', 'sqrt')), fwd.ops
-    assert sum(v for k, v in bwd.ops.items() if 'batch_norm' in k) == 1, bwd.ops
-    copies = fwd.ops.get('clone', 0) + fwd.ops.get('copy_', 0) + fwd.ops.get('_to_copy', 0)
-    if layout == 'nchw': assert fwd.ops.get('clone', 0) == 0, fwd.ops              # NCHW: the split view is free
-    else: assert fwd.ops.get('clone', 0) == 2, fwd.ops                             # channels_last: to NCHW and back
-    assert copies <= 4, fwd.ops                                                    # + the two running-stat copies
+    with AtenOps() as fwd: y = bn(x)
+    with AtenOps() as bwd: y.sum().backward()
+    norms = {k: v for k, v in fwd.counts.items() if 'batch_norm' in k}
+    assert sum(norms.values()) == 1, fwd.counts
+    assert not any(k in fwd.counts for k in ('var_mean', 'var', 'rsqrt', 'sqrt')), fwd.counts
+    assert sum(v for k, v in bwd.counts.items() if 'batch_norm' in k) == 1, bwd.counts
+    copies = fwd.counts.get('clone', 0) + fwd.counts.get('copy_', 0) + fwd.counts.get('_to_copy', 0)
+    if layout == 'nchw': assert fwd.counts.get('clone', 0) == 0, fwd.counts       # NCHW: the split view is free
+    else: assert fwd.counts.get('clone', 0) == 2, fwd.counts                      # channels_last: to NCHW and back
+    assert copies <= 4, fwd.counts                                                 # + the two running-stat copies
 
 
 def test_split_batchnorm_bf16_autocast_and_cumulative_momentum():

@@ -8,6 +8,8 @@ sys.path.insert(0, str(Path(__file__).parent / 'scripts'))
 from toy import NoisyToy, FixedLoader  # noqa: E402
 from folk_nb.trainer import (Trainer, TrainConfig, load_checkpoint, atomic_save, CHECKPOINT_FORMAT, CSVLog,  # noqa: E402
                              NonFiniteLossError, cosine_lr)
+from folk_nb.checks import SYNC_OPS  # noqa: E402
+from aten_ops import AtenOps  # noqa: E402
 
 SCRIPTS = Path(__file__).parent / 'scripts'
 
@@ -436,17 +438,8 @@ def test_channels_last_defaults_to_cnns_on_cuda_only(tmp_path):
     with pytest.raises(ValueError, match='channels_last must be True, False or None'): TrainConfig(channels_last='yes')
 
 
-class _HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
-    "Records (trainer step, op) for every aten op that reads device values on the host or makes a tensor from host data."
-    HOST = ('_local_scalar_dense', 'nonzero', 'lift_fresh', 'is_nonzero', 'equal', 'masked_select', 'unique', 'bincount')
-
-    def __init__(self, trainer):
-        super().__init__(); self.trainer, self.seen = trainer, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket).split('.')[-1]
-        if name in self.HOST: self.seen.append((self.trainer.step, name))
-        return func(*args, **(kwargs or {}))
+# what reads a device value on the host (the library's SYNC_OPS) or makes a tensor from Python numbers (lift_fresh)
+HOST_WAITS = {n.split('::')[1] for n in SYNC_OPS} | {'is_nonzero', 'equal', 'lift_fresh'}
 
 
 LOOP_METHODS = {
@@ -473,7 +466,8 @@ def test_the_training_loop_on_the_device_path_never_waits_for_the_device(name, t
     loader = D.create_loader('samples', recipe=m.recipe, size=32, batch_size=8, device='cpu', epoch_size=32)
     t = Trainer(m, loader, TrainConfig(epochs=2, lr=1e-3, out_dir=str(tmp_path), progress=False, log_every=1000,
                                        ckpt_every=10 ** 9, sync_free=True))
-    with _HostWaits(t) as waits: t.fit()
+    with AtenOps(tag=lambda: t.step) as ops: t.fit()
+    waits = [(s, op) for s, op in ops.seen if op in HOST_WAITS]
     assert t.step == 8
-    assert [(s, op) for s, op in waits.seen if 1 <= s < t.step - 1] == []
-    assert any(s == 0 for s, _ in waits.seen)            # the detector sees the first step's checks
+    assert [(s, op) for s, op in waits if 1 <= s < t.step - 1] == []
+    assert any(s == 0 for s, _ in waits)                 # the detector sees the first step's checks
