@@ -232,6 +232,7 @@ def method_ranges(method, notes: list) -> list:
                 last['hard'] = out_.get('hard_negative')
                 return out_
             out.append((moco.SaliencyMoCo, 'augment', ranged(functools.wraps(augment)(remember), 'mask')))
+            add(moco.SaliencyMoCo, 'query_saliency', 'mask.query_saliency')
             add(moco.SaliencyMoCo, 'saliency_map', 'mask.saliency_map')
             add(moco, 'patch_saliency', 'mask.patch_saliency')
             add(moco, 'foreground_patches', 'mask.foreground')
@@ -357,7 +358,7 @@ def analyse(events, cuda: bool, n_steps: int, step_ms: float) -> dict:
         row.update(kernels=None, kernel_ms=None, gpu_busy_ms=None, gpu_idle_share=None)
     share = lambda r: regions[r]['share'] if r in regions else None
     row['mask_share'] = share('mask')
-    if 'mask.saliency_map' in regions or 'hard_negative_key_pass' in regions:      # SaliencyMoCo
+    if any(r in regions for r in ('mask.query_saliency', 'mask.saliency_map', 'hard_negative_key_pass')):  # SaliencyMoCo
         row['saliency_mask_share'] = share('mask')
         row['hard_negative_pass_share'] = share('hard_negative_key_pass')
     return row

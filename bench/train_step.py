@@ -26,7 +26,12 @@ For every method x model:
   the refresh window and made its two host syncs each;
 - **SaliencyMoCo's saliency map**: the FLOPs of the query view's saliency map (`saliency_map_flops_per_img`) and
   their share of a plain MoCo step on the same model and batch (`saliency_map_flop_share`): a device-independent
-  floor for the masking's time share;
+  floor for the masking's time share. With `saliency='warped_key'` the query's map is the key pass's map carried
+  over by one `grid_sample`, which has no matmul / conv FLOPs: 0. And the time: the SaliencyMoCo step and a plain
+  MoCo step on the same model and batch are timed in the same run, in `--paired-rounds` (5) alternating pairs of
+  blocks of `--steps` steps (`paired_step_ms`, `moco_step_ms`: median blocks); `over_moco_step` is the median of the
+  pairs' ratios (`over_moco_step_range`: their smallest and largest); with
+  `--method-kwargs '{"hard_negative": false}'` that ratio minus 1 is the masking's share of a MoCo step;
 - the machine's 1-minute load average before and after (`load_avg_1min`): a shared, busy machine makes every timing
   above unreliable, and the script says so.
 
@@ -38,7 +43,7 @@ their paper defaults, except at 32 px where FOLK has 4096 prototypes and MoCo a 
 settings; `--method-kwargs` overrides). The table goes to
 stdout; one JSON line per configuration (with device, date, command) is appended to bench/results/train_step.jsonl.
 """
-import argparse, json, os, platform, sys, tempfile, time, traceback
+import argparse, json, os, platform, statistics, sys, tempfile, time, traceback
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,6 +58,7 @@ if str(Path(__file__).resolve().parent) not in sys.path: sys.path.insert(0, str(
 from _common import RESULTS_DIR, load_average, warn_if_busy, load_pair, command_line, append_rows  # noqa: E402
 
 RESULTS = RESULTS_DIR / 'train_step.jsonl'
+PAIRED_ROUNDS = 5            # SaliencyMoCo rows: alternating blocks of its step and plain MoCo's (--paired-rounds)
 
 MODELS = {
     'vit_s16_224': dict(model='vit_small_patch16_224', img_size=224),
@@ -197,22 +203,55 @@ def failed_row(row: dict, e: Exception) -> dict:
 
 def saliency_flops(method, model_key: str, batch: int, device: torch.device, method_kwargs: dict, b: dict) -> dict:
     """SaliencyMoCo's saliency map of the query view in FLOPs per image, and as a share of a plain MoCo step's FLOPs
-    (forward + backward + key pass) on the same model and batch: the floor of its time share on any device."""
-    import inspect
-    from folk_nb.moco import MoCo
-    sal = count_flops(lambda: method.saliency_map(method._views(b)[0]))
-    accepted = inspect.signature(MoCo.__init__).parameters
-    moco, _ = build_method('moco', model_key, batch, device,
-                           {k: v for k, v in (method_kwargs or {}).items() if k in accepted})
+    (forward + backward + key pass) on the same model and batch: the floor of its time share on any device.
+    With saliency='warped_key' the key pass's map is made first (not counted: MoCo's key pass makes it anyway) and
+    only carrying it over to the query view is counted."""
+    xq, xk = method._views(b)
+    geometry = method._geometry(b, xq.shape[0])
+    key_map = method.encode_key(xk, with_saliency=True)[1] if geometry is not None else None
+    sal = count_flops(lambda: method.query_saliency(xq, key_map, geometry))
+    moco = plain_moco(model_key, batch, device, method_kwargs)
     step = count_flops(lambda: moco(b)['loss'].backward())
     del moco
     return dict(saliency_map_flops_per_img=sal / batch, moco_step_flops_per_img=step / batch,
                 saliency_map_flop_share=sal / step)
 
 
+def plain_moco(model_key: str, batch: int, device: torch.device, method_kwargs: dict):
+    "The MoCo that a SaliencyMoCo row is compared with: same model and batch, the MoCo arguments of `method_kwargs`."
+    import inspect
+    from folk_nb.moco import MoCo
+    accepted = inspect.signature(MoCo.__init__).parameters
+    return build_method('moco', model_key, batch, device, {k: v for k, v in (method_kwargs or {}).items() if k in accepted})[0]
+
+
+def paired_with_moco(step, model_key: str, batch: int, device: torch.device, method_kwargs: dict, b: dict, amp,
+                     compile, warmup: int, steps: int, rounds: int = PAIRED_ROUNDS) -> dict:
+    """SaliencyMoCo's trainer step (`step`) against the plain MoCo's on the same batch, timed in alternating blocks of
+    `steps` steps, `rounds` times: the median block of each, and the median over rounds of the two blocks' ratio, so
+    a machine's slow drift hits both alike (the ratios' range says how noisy it was). That ratio is what saliency
+    masking costs (with `hard_negative=False`; with hard negatives, their extra key pass too)."""
+    moco = plain_moco(model_key, batch, device, method_kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(moco, b, batch, device, amp, compile, tmp)
+        for _ in range(warmup): trainer.train_step(b)
+        blocks = {'saliency': [], 'moco': []}
+        for _ in range(rounds):
+            for name, fn in (('saliency', step), ('moco', lambda: trainer.train_step(b))):
+                sync(device)
+                t = time.perf_counter()
+                for _ in range(steps): fn()
+                sync(device)
+                blocks[name].append((time.perf_counter() - t) / steps)
+    med = {k: statistics.median(v) for k, v in blocks.items()}
+    ratios = sorted(a / m for a, m in zip(blocks['saliency'], blocks['moco']))   # each round's blocks, side by side
+    return dict(paired_step_ms=med['saliency'] * 1e3, moco_step_ms=med['moco'] * 1e3, paired_rounds=rounds,
+                over_moco_step=statistics.median(ratios), over_moco_step_range=[ratios[0], ratios[-1]])
+
+
 def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: int, device: torch.device,
               amp: str = 'auto', compile: bool = False, peak_flops: float = None, method_kwargs: dict = None,
-              at: float = 0.0) -> dict:
+              at: float = 0.0, paired_rounds: int = PAIRED_ROUNDS) -> dict:
     "Measure one method x model; returns a row with status 'ok', 'skipped: ...', 'oom' or 'error: ...'."
     method, row = build_method(method_name, model_key, batch, device, method_kwargs, at)
     if method is None: return row
@@ -231,6 +270,9 @@ def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: 
         with tempfile.TemporaryDirectory() as tmp:
             trainer = make_trainer(method, b, batch, device, amp, compile, tmp)
             dt, mem = timed(lambda: trainer.train_step(b), warmup, steps, device)
+            if method_name == 'saliency_moco':
+                row.update(paired_with_moco(lambda: trainer.train_step(b), model_key, batch, device, method_kwargs, b,
+                                            amp, compile, warmup, steps, paired_rounds))
             del trainer
         # the plain eager fp32 step
         opt = torch.optim.AdamW(method.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
@@ -282,7 +324,18 @@ def print_table(rows: list, peak: dict) -> None:
             print(f"{r['method']} x {r['model']}: the query's saliency map is {100 * r['saliency_map_flop_share']:.1f}% "
                   f"of a MoCo step's FLOPs ({r['saliency_map_flops_per_img'] / 1e9:.3f} of "
                   f"{r['moco_step_flops_per_img'] / 1e9:.2f} GFLOP/img; saliency={r['method_kwargs'].get('saliency', 'momentum')}"
-                  + ("; its FFTs are not counted" if r['method_kwargs'].get('saliency') == 'spectral' else '') + ")")
+                  + ("; its FFTs are not counted" if r['method_kwargs'].get('saliency') == 'spectral' else '')
+                  + ("; one grid_sample, no matmul or conv" if r['method_kwargs'].get('saliency') == 'warped_key' else '')
+                  + ")")
+        if r.get('over_moco_step') is not None:
+            hard = r['method_kwargs'].get('hard_negative', True)
+            lo, hi = r['over_moco_step_range']
+            print(f"{r['method']} x {r['model']}: its step takes {r['over_moco_step']:.3f}x a plain MoCo step (median of "
+                  f"{r['paired_rounds']} alternating pairs of blocks, {lo:.3f}-{hi:.3f}; {r['paired_step_ms']:.1f} vs "
+                  f"{r['moco_step_ms']:.1f} ms): "
+                  + (f"saliency masking costs {100 * (r['over_moco_step'] - 1):+.1f}% of a MoCo step" if not hard else
+                     "masking and the hard negatives' extra key pass together (hard_negative=False isolates the masking)")
+                  + ("; the pairs' ratios straddle 1: not told apart from plain MoCo in this run" if lo < 1 < hi else ''))
 
 
 
@@ -320,8 +373,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_arguments(ap, steps=(20, 2), compile_help='torch.compile the trainer step (not the plain one), optional MODE, '
                                                        'e.g. max-autotune')
+    ap.add_argument('--paired-rounds', type=int, default=PAIRED_ROUNDS,
+                    help='saliency_moco: alternating pairs of blocks (its step, plain MoCo\'s) timed for their ratio')
     ap.add_argument('--no-save', action='store_true', help=f'do not append to {RESULTS.relative_to(RESULTS.parents[2])}')
     args = ap.parse_args(argv)
+    if args.paired_rounds < 1: ap.error(f"--paired-rounds must be >= 1, got {args.paired_rounds}")
 
     device, methods, models, steps, warmup, method_kwargs = resolve_step_arguments(ap, args, steps=(20, 2))
     cuda = device.type == 'cuda'
@@ -336,7 +392,7 @@ def main(argv=None) -> int:
             batch = args.batch or default_batch(model_key, device)
             t = time.perf_counter()
             row = bench_one(name, model_key, batch, steps, warmup, device, args.amp, args.compile, peak['peak_flops'],
-                            method_kwargs, args.at)
+                            method_kwargs, args.at, args.paired_rounds)
             what = f"{row['img_per_s']:.1f} img/s" if row['status'] == 'ok' else row['status']
             print(f"  {name} x {model_key}: {what} ({time.perf_counter() - t:.0f} s)", flush=True)
             rows.append(row)

@@ -20,7 +20,7 @@ from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .spectrum import check_images
-from .checks import device_constant
+from .checks import device_constant, value_checks_enabled
 from .images import sample_images, sample_names
 
 # %% auto #0
@@ -28,8 +28,8 @@ __all__ = ['READ_ERRORS', 'CIFAR10_CLASSES', 'CIFAR10_ARCHIVE', 'DATASETS', 'DAT
            'read_rgb', 'to_float_image', 'ImageFolderDataset', 'SampleDataset', 'data_root', 'prepare_cifar10',
            'download_cifar10', 'create_dataset', 'load_folder_tensors', 'dataset_tensors', 'channel_stats', 'ViewSpec',
            'view_specs', 'RandomResizedCropFlip', 'ViewTransform', 'MultiViewTransform', 'make_transform',
-           'ViewsDataset', 'sample_crop_boxes', 'resized_crop', 'color_jitter', 'gaussian_blur', 'augment_batch',
-           'GPUDataLoader', 'SeededSampler', 'EpochDataLoader', 'create_loader']
+           'ViewsDataset', 'sample_crop_boxes', 'resized_crop', 'map_between_views', 'color_jitter', 'gaussian_blur',
+           'augment_batch', 'GPUDataLoader', 'SeededSampler', 'EpochDataLoader', 'create_loader']
 
 # %% ../nbs/20_data.ipynb #84492e4f
 class CorruptImageWarning(UserWarning):
@@ -647,6 +647,49 @@ def resized_crop(
     grid = torch.stack([gx[:, None, :].expand(B, oh, ow), gy[:, :, None].expand(B, oh, ow)], -1)
     out = F.grid_sample(x.to(dt), grid, mode=mode, padding_mode='border', align_corners=False)
     return out.to(x.dtype)
+
+# %% ../nbs/20_data.ipynb #712e8cea
+def map_between_views(
+    x: Tensor,                           # (B, C, h, w) maps over the source views (e.g. a CNN's saliency of the key view)
+    src_boxes: Tensor,                   # (B, 4) crop boxes of the source views (x0, y0, x1, y1), fractions of the image
+    dst_boxes: Tensor,                   # (B, 4) crop boxes of the destination views, same image, same convention
+    size,                                # output side (int) or (h, w): the destination views' resolution
+    src_flipped: Tensor | None = None,   # (B,) bool: the source views were mirrored left-right
+    dst_flipped: Tensor | None = None,   # (B,) bool: the destination views were mirrored left-right
+    mode: str = 'bilinear',              # 'bilinear' or 'nearest'
+) -> tuple:  # (B, C, oh, ow) float32 `x` at each destination pixel, (B, 1, oh, ow) bool: inside the source crop
+    "Resample maps of one view of each image onto another view of it, through the two crop boxes."
+    check_images(x, 'x', channels=None)
+    B = x.shape[0]
+    for name, b in (('src_boxes', src_boxes), ('dst_boxes', dst_boxes)):
+        if not (isinstance(b, Tensor) and tuple(b.shape) == (B, 4) and b.dtype.is_floating_point):
+            raise ValueError(f"{name} must be a float tensor (B, 4) = ({B}, 4) of boxes (x0, y0, x1, y1), got "
+                             f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}"
+                             f"{'' if not isinstance(b, Tensor) or b.dtype.is_floating_point else f' of {b.dtype}'}")
+    for name, f in (('src_flipped', src_flipped), ('dst_flipped', dst_flipped)):
+        if f is not None and not (isinstance(f, Tensor) and tuple(f.shape) == (B,) and f.dtype == torch.bool):
+            raise ValueError(f"{name} must be None or a bool tensor ({B},), got "
+                             f"{tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__}"
+                             f"{f' of {f.dtype}' if isinstance(f, Tensor) else ''}")
+    if mode not in ('bilinear', 'nearest'): raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    oh, ow = _pair(size)
+    dev = x.device
+    sb, db = src_boxes.to(dev, torch.float32), dst_boxes.to(dev, torch.float32)
+    if value_checks_enabled() and not bool(((sb[:, 2:] > sb[:, :2]).all() & (db[:, 2:] > db[:, :2]).all())):
+        raise ValueError("every box needs x1 > x0 and y1 > y0 (an empty box has no view)")
+
+    def axis(k, n, src_f, dst_f):  # (B, n) destination pixel centres in source-view fractions (0..1 inside)
+        t = (torch.arange(n, device=dev, dtype=torch.float32) + 0.5) / n
+        if dst_f is not None: t = torch.where(dst_f.to(dev)[:, None], 1 - t, t)
+        u = db[:, k, None] + t * (db[:, k + 2] - db[:, k])[:, None]          # image fraction
+        s = (u - sb[:, k, None]) / (sb[:, k + 2] - sb[:, k])[:, None]        # source-view fraction
+        return s if src_f is None else torch.where(src_f.to(dev)[:, None], 1 - s, s)
+
+    sx, sy = axis(0, ow, src_flipped, dst_flipped), axis(1, oh, None, None)
+    grid = torch.stack([(2 * sx - 1)[:, None, :].expand(B, oh, ow), (2 * sy - 1)[:, :, None].expand(B, oh, ow)], -1)
+    out = F.grid_sample(x.float(), grid, mode=mode, padding_mode='border', align_corners=False)
+    inside = ((sy >= 0) & (sy <= 1))[:, None, :, None] & ((sx >= 0) & (sx <= 1))[:, None, None, :]
+    return out, inside
 
 # %% ../nbs/20_data.ipynb #1b66dbbd
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights

@@ -18,6 +18,7 @@ from .saliency import (
     FILLS, cnn_saliency, spectral_residual_saliency, patch_grid_size, patch_saliency, foreground_patches,
     saliency_patch_mask, hard_negative_patch_mask, fill_patches)
 from .spectrum import check_images
+from .data import map_between_views
 
 # %% auto #0
 __all__ = ['contrastive_logits', 'info_nce', 'positive_accuracy', 'enqueue', 'gather_keys', 'shuffle_across_ranks',
@@ -343,13 +344,17 @@ class MoCo(Method):
         "Extra augmentation of a (query, key) pair before the encoders: none in MoCo."
         return dict(query=xq)
 
-    def _key_and_augment(self, xq: Tensor, xk: Tensor) -> tuple:
+    def _geometry(self, batch: dict, B: int) -> list | None:
+        "[(boxes, flipped) of the query view, of the key view], where a method needs the views' crop geometry."
+        return None
+
+    def _key_and_augment(self, xq: Tensor, xk: Tensor, geometry: list = None) -> tuple:
         "(the keys of the key view, `augment`'s dict) of one direction."
         return self.encode_key(xk), self.augment(xq, xk)
 
-    def _pair(self, xq: Tensor, xk: Tensor) -> dict:
+    def _pair(self, xq: Tensor, xk: Tensor, geometry: list = None) -> dict:
         "Loss and statistics of one (query view, key view) direction; the queue is read, not written."
-        k, aug = self._key_and_augment(xq, xk)
+        k, aug = self._key_and_augment(xq, xk, geometry)
         q = self.encode_query(aug['query'])
         hard = self.encode_key(aug['hard_negative']) if 'hard_negative' in aug else None
         queue = self.queue.clone()              # enqueue() writes in place: the backward pass needs the old queue
@@ -369,7 +374,8 @@ class MoCo(Method):
     ) -> dict:                # loss, loss_nce, acc_pos, sim_pos, sim_neg, input (the query images), key_view
         "One MoCo step: InfoNCE of the queries against their keys and the queue, then enqueue the keys."
         x1, x2 = self._views(batch)
-        pairs = [self._pair(x1, x2)] + ([self._pair(x2, x1)] if self.symmetric else [])
+        geo = self._geometry(batch, x1.shape[0])
+        pairs = [self._pair(x1, x2, geo)] + ([self._pair(x2, x1, geo and geo[::-1])] if self.symmetric else [])
         loss = torch.stack([p['loss'] for p in pairs]).mean()
         self._enqueue(torch.cat([p['key'] for p in pairs]))
         first = pairs[0]
@@ -401,9 +407,10 @@ class MoCo(Method):
 class SaliencyMoCo(MoCo):
     "MoCo v2 + saliency-guided masking of the query view + one masked-foreground hard negative per sample."
     name, recipe = 'saliency_moco', 'moco'
+    OWN_SOURCES = ('momentum', 'warped_key', 'spectral')   # saliency sources without a model of their own
 
     def __init__(self,
-                 model: str,                    # timm model name (a CNN for saliency='momentum')
+                 model: str,                    # timm model name (a CNN for saliency='momentum' / 'warped_key')
                  img_size: int = 224,           # input size of the views
                  patch_size: int = None,        # ViT patch size override (None: the model's own)
                  cifar_stem: bool = False,      # ResNet: 3x3 stride-1 stem without max-pool (small images)
@@ -417,7 +424,7 @@ class SaliencyMoCo(MoCo):
                  symmetric: bool = False,       # also use view 2 as (masked) query and view 1 as key
                  shuffle_bn: bool = True,       # MoCo's shuffle BN under DDP
                  bn_splits: int = 1,            # > 1: split BatchNorm + local key shuffle (shuffle BN on one device)
-                 saliency: str = 'momentum',    # 'momentum' | 'spectral' | a timm CNN name
+                 saliency: str = 'momentum',    # 'momentum' | 'warped_key' | 'spectral' | a timm CNN name
                  saliency_pretrained=True,      # timm saliency model: True (timm weights), False, or a weights file path
                  foreground_k: float = 0.6,     # foreground if patch saliency >= mean - k * std
                  grid_cells: int = 7,           # patches on the shorter side at 224 px (patch_grid_size)
@@ -430,13 +437,13 @@ class SaliencyMoCo(MoCo):
         super().__init__(model, img_size, patch_size, cifar_stem, model_kwargs, out_dim, hidden_dim, queue_size,
                          temperature, momentum, momentum_schedule, symmetric, shuffle_bn, bn_splits)
         if not isinstance(saliency, str):
-            raise TypeError(f"saliency must be 'momentum', 'spectral' or a timm CNN name, got {saliency!r}")
-        if saliency == 'momentum' and self.backbone.kind != 'cnn':
-            raise ValueError(f"saliency='momentum' needs a CNN backbone (its last-stage feature map), but {model!r} is a "
-                             f"{self.backbone.kind.upper()}; use saliency='spectral' or a timm CNN name such as 'resnet50'")
-        if saliency not in ('momentum', 'spectral') and not timm.is_model(saliency):
-            raise ValueError(f"saliency must be 'momentum', 'spectral' or a timm CNN name, got {saliency!r} "
-                             f"(not a timm model)")
+            raise TypeError(f"saliency must be 'momentum', 'warped_key', 'spectral' or a timm CNN name, got {saliency!r}")
+        if saliency in ('momentum', 'warped_key') and self.backbone.kind != 'cnn':
+            raise ValueError(f"saliency={saliency!r} needs a CNN backbone (its last-stage feature map), but {model!r} is "
+                             f"a {self.backbone.kind.upper()}; use saliency='spectral' or a timm CNN name such as 'resnet50'")
+        if saliency not in self.OWN_SOURCES and not timm.is_model(saliency):
+            raise ValueError(f"saliency must be 'momentum', 'warped_key', 'spectral' or a timm CNN name, got "
+                             f"{saliency!r} (not a timm model)")
         if not isinstance(saliency_pretrained, (bool, str)):
             raise TypeError(f"saliency_pretrained must be True, False or a weights file path, got {saliency_pretrained!r}")
         _check_number('foreground_k', foreground_k)
@@ -457,8 +464,8 @@ class SaliencyMoCo(MoCo):
 
     @staticmethod
     def _saliency_model(name: str, pretrained) -> nn.Module | None:
-        "The frozen timm CNN of `saliency` (None for 'momentum' and 'spectral')."
-        if name in ('momentum', 'spectral'):
+        "The frozen timm CNN of `saliency` (None for the sources of `OWN_SOURCES`)."
+        if name in SaliencyMoCo.OWN_SOURCES:
             return None
         kw = dict(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained)) if isinstance(pretrained, str) \
             else dict(pretrained=pretrained)
@@ -477,21 +484,68 @@ class SaliencyMoCo(MoCo):
     def saliency_map(self,
                      x: Tensor,  # images (B, 3, S, S) in [0, 1]
     ) -> Tensor:                 # (B, 1, h, w) float32 saliency (any resolution)
-        "Saliency of a batch from the configured source."
+        "Saliency of a batch from the configured source ('warped_key': the momentum encoder's map of these images)."
         if self.saliency == 'spectral':
             return spectral_residual_saliency(x, size=min(64, max(x.shape[-2:])))
-        return cnn_saliency(self.momentum_backbone if self.saliency == 'momentum' else self.saliency_model, x)
+        own = self.saliency in ('momentum', 'warped_key')
+        return cnn_saliency(self.momentum_backbone if own else self.saliency_model, x)
+
+    @torch.no_grad()
+    def query_saliency(self,
+                       xq: Tensor,                   # query view (B, 3, S, S) in [0, 1]
+                       key_saliency: Tensor = None,  # (B, 1, h, w) saliency of the key view ('warped_key' only)
+                       geometry: list = None,        # [(boxes, flipped) of the query view, of the key view] ('warped_key')
+    ) -> tuple:  # (B, 1, h, w) float32 saliency of the query view; (B, 1, S, S) bool where it is known, or None
+        "The query view's saliency: `saliency_map` of it, or ('warped_key') the key view's map carried over to it."
+        if self.saliency != 'warped_key':
+            return self.saliency_map(xq), None
+        if key_saliency is None or geometry is None:
+            raise ValueError("saliency='warped_key' needs the key view's saliency and the views' geometry "
+                             "[(query boxes, query flipped), (key boxes, key flipped)]")
+        (qb, qf), (kb, kf) = geometry
+        warped, known = map_between_views(key_saliency, kb, qb, tuple(xq.shape[-2:]), kf, qf)
+        unknown_value = key_saliency.float().mean((2, 3), keepdim=True)      # outside the key crop: the key map's mean
+        return torch.where(known, warped, unknown_value), known
+
+    def _geometry(self, batch: dict, B: int) -> list | None:
+        "saliency='warped_key': the views' crop boxes and flips from the batch, checked; else None."
+        if self.saliency != 'warped_key':
+            return None
+        boxes, flipped = batch.get('boxes'), batch.get('flipped')
+        if boxes is None or flipped is None:
+            raise ValueError("saliency='warped_key' carries the key view's saliency onto the query view through the "
+                             "views' crop boxes, so the batch needs 'boxes' = [query boxes, key boxes] ((B, 4) fractions "
+                             "x0, y0, x1, y1) and 'flipped' = [(B,) bool, (B,) bool], as folk_nb's loaders give them; "
+                             f"this batch has no {'boxes' if boxes is None else 'flipped'!r}")
+        for name, v, shape in (('boxes', boxes, (B, 4)), ('flipped', flipped, (B,))):
+            ok = isinstance(v, (list, tuple)) and len(v) >= 2 and all(
+                isinstance(t, Tensor) and tuple(t.shape) == shape and
+                (t.dtype == torch.bool if name == 'flipped' else t.dtype.is_floating_point) for t in v[:2])
+            if not ok:
+                got = ([f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__ for t in v]
+                       if isinstance(v, (list, tuple)) else type(v).__name__)
+                raise ValueError(f"batch[{name!r}] must be a list of two {'bool' if name == 'flipped' else 'float'} "
+                                 f"tensors of shape {shape} (query view, key view), got {got}")
+        return [(boxes[0], flipped[0]), (boxes[1], flipped[1])]
 
     @torch.no_grad()
     def augment(self,
                 xq: Tensor,                  # query view (B, 3, S, S) in [0, 1]
                 xk: Tensor,                  # key view (B, 3, S, S) in [0, 1]
                 key_saliency: Tensor = None,  # (B, 1, h, w) saliency of the key view; None: `saliency_map` of xk
+                geometry: list = None,       # [(boxes, flipped) of the query view, of the key view]: 'warped_key' only
     ) -> dict:  # query (masked), query_mask, foreground, saliency, hard_negative, hard_negative_mask, key_saliency, ...
         "Mask the query view by saliency and build each sample's hard negative from the key view."
         B, _, H, W = xq.shape
         grid = patch_grid_size(H, W, self.grid_cells)
-        if self.hard_negative and key_saliency is None:                  # one saliency pass for both views
+        known = None
+        if self.saliency == 'warped_key':
+            if geometry is None:
+                raise ValueError("saliency='warped_key' needs geometry = [(query boxes, query flipped), (key boxes, key "
+                                 "flipped)]: the views' crop boxes (B, 4) and flips (B,), as the loaders give them")
+            if key_saliency is None: key_saliency = self.saliency_map(xk)
+            sal, known = self.query_saliency(xq, key_saliency, geometry)
+        elif self.hard_negative and key_saliency is None:                # one saliency pass for both views
             sal, key_saliency = self.saliency_map(torch.cat([xq, xk])).split(B)
         else:
             sal = self.saliency_map(xq)
@@ -501,6 +555,7 @@ class SaliencyMoCo(MoCo):
         with torch.autocast(xq.device.type, enabled=False):
             out = dict(query=fill_patches(xq.float(), qmask, grid, self.fill).to(xq.dtype), query_mask=qmask,
                        foreground=fg, saliency=sal, grid=grid)
+            if known is not None: out.update(saliency_known=known, key_saliency=key_saliency)
             if self.hard_negative:
                 key_fg = foreground(key_saliency)
                 hmask = hard_negative_patch_mask(key_fg, self.hard_negative_ratio)
@@ -508,9 +563,9 @@ class SaliencyMoCo(MoCo):
                            hard_negative_mask=hmask, key_foreground=key_fg, key_saliency=key_saliency)
         return out
 
-    def _key_and_augment(self, xq: Tensor, xk: Tensor) -> tuple:
-        "The key pass first; with saliency='momentum' its own feature map gives the key view's saliency."
-        if not (self.saliency == 'momentum' and self.hard_negative):
-            return super()._key_and_augment(xq, xk)
+    def _key_and_augment(self, xq: Tensor, xk: Tensor, geometry: list = None) -> tuple:
+        "The key pass first; with saliency='momentum' or 'warped_key' its own feature map gives the key view's saliency."
+        if not (self.saliency == 'warped_key' or (self.saliency == 'momentum' and self.hard_negative)):
+            return super()._key_and_augment(xq, xk, geometry)
         k, key_saliency = self.encode_key(xk, with_saliency=True)
-        return k, self.augment(xq, xk, key_saliency)
+        return k, self.augment(xq, xk, key_saliency, geometry)

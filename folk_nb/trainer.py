@@ -15,9 +15,10 @@ from .checks import value_checks
 from .methods import checkpoint_config
 
 # %% auto #0
-__all__ = ['COMPILE_MODES', 'RESUME_FIXED', 'RESUME_FREE', 'CHECKPOINT_FORMAT', 'TrainConfig', 'cosine_lr', 'atomic_save',
-           'atomic_write_text', 'load_checkpoint', 'check_weights_only', 'rng_state', 'set_rng_state', 'DistInfo',
-           'setup_distributed', 'to_device', 'batch_size_of', 'CSVLog', 'NonFiniteLossError', 'is_cnn', 'Trainer']
+__all__ = ['COMPILE_MODES', 'RESUME_FIXED', 'RESUME_FREE', 'CHECKPOINT_FORMAT', 'CLOCK_SYNC_EVERY', 'TrainConfig', 'cosine_lr',
+           'atomic_save', 'atomic_write_text', 'load_checkpoint', 'check_weights_only', 'rng_state', 'set_rng_state',
+           'DistInfo', 'setup_distributed', 'to_device', 'batch_size_of', 'CSVLog', 'NonFiniteLossError', 'is_cnn',
+           'Trainer']
 
 # %% ../nbs/40_trainer.ipynb #d30fd085
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's modes
@@ -111,6 +112,7 @@ def cosine_lr(
 
 # %% ../nbs/40_trainer.ipynb #a0584861
 CHECKPOINT_FORMAT = 'folk_nb.checkpoint/1'
+CLOCK_SYNC_EVERY = 25   # DDP with a time budget: the processes agree on the clock every this many steps (one all-reduce)
 
 def _atomic_write(path, write, mode: str) -> Path:
     "Write `path` through `write(file)` into a temporary file beside it, fsync, then rename: never half a file."
@@ -341,6 +343,8 @@ class Trainer:
         self._nonfinite_dev = torch.zeros(2, device=self.device)   # sync-free steps: [skipped since last read, in a row]
         self.train_seconds = 0.0              # training time over every fit() of this run (kNN evaluations excluded)
         self.calibration = None               # with a time budget: the measured step time and the fitted schedule
+        self._clock = None                    # DDP with a time budget: the last agreed clock (seconds, step, per_step)
+        self.clock_syncs = 0                  # all-reduces made for that clock (one per CLOCK_SYNC_EVERY steps)
         self.out_dir = Path(self.cfg.out_dir)
         self.ckpt_path = self.out_dir / 'checkpoints' / 'last.pt'
         self._pending_rng, self._stop_signal, self.last_out = None, None, None
@@ -570,6 +574,24 @@ class Trainer:
         return dict(step=self.step, epoch=self.epoch, knn_top1=acc)
 
     # ---------------------------------------------------------------- the loop
+    def _agreed_clock(self, local_seconds: float) -> float:
+        """DDP with a time budget: the training clock, identical on every process, so that their schedules and their
+        decision to stop agree at every step. Every `CLOCK_SYNC_EVERY` steps the processes take the slowest clock (one
+        all-reduce, which waits for the device); in between each extrapolates it by the same arithmetic from agreed
+        numbers (the last agreed clock and the seconds per step between the last two agreements, at first the
+        calibration's), never backwards."""
+        c = self._clock
+        if c is None or self.step - c['step'] >= CLOCK_SYNC_EVERY:
+            t = torch.tensor([local_seconds], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            agreed = float(t)
+            self.clock_syncs += 1
+            per_step = ((agreed - c['seconds']) / (self.step - c['step']) if c is not None and self.step > c['step']
+                        else (self.calibration or {}).get('seconds_per_step', 0.0))
+            self._clock = dict(seconds=agreed, step=self.step, per_step=per_step)
+            return max(agreed, self.train_seconds)
+        return max(self.train_seconds, c['seconds'] + (self.step - c['step']) * c['per_step'])
+
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None and signum == signal.SIGINT: raise KeyboardInterrupt
         self._stop_signal = signal.Signals(signum).name
@@ -594,6 +616,7 @@ class Trainer:
         t_start, n_images, t_window, n_window = time.perf_counter(), 0, time.perf_counter(), 0
         start_step, status, acc = self.step, 'finished', {}
         out_of_time = budget_s is not None and self.train_seconds >= budget_s   # e.g. resumed after the budget was spent
+        local_seconds, self._clock = self.train_seconds, None    # this process's own clock; DDP agrees on one anew
         last_row, t_mark, error = {}, time.perf_counter(), None
         try:
             while self.step < end and self._stop_signal is None and not out_of_time:
@@ -619,10 +642,9 @@ class Trainer:
                         bar.set_postfix(loss=f"{parts.get('loss', float('nan')):.4f}", img_s=f"{last_row['img_per_s']:.0f}")
                         t_window, n_window = now, 0
                     if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0: self.save()
-                    now = time.perf_counter(); self.train_seconds += now - t_mark; t_mark = now
-                    if budget_s is not None and self.dist.world_size > 1:   # every process follows the slowest clock
-                        t = torch.tensor([self.train_seconds], dtype=torch.float64, device=self.device)
-                        dist.all_reduce(t, op=dist.ReduceOp.MAX); self.train_seconds = float(t)
+                    now = time.perf_counter(); local_seconds += now - t_mark; t_mark = now
+                    self.train_seconds = (self._agreed_clock(local_seconds) if budget_s is not None and
+                                          self.dist.world_size > 1 else local_seconds)
                     out_of_time = budget_s is not None and self.train_seconds >= budget_s
                     if self.batch_in_epoch >= self.steps_per_epoch: break     # the epoch is complete
                     if self.step >= end or self._stop_signal is not None or out_of_time: break

@@ -44,6 +44,7 @@ CASES = {
     'saliency_moco-resnet-cnn-saliency': ('saliency_moco', RESNET, dict(queue_size=64, saliency='resnet18',
                                                                         saliency_pretrained=False), 0.0),
     'saliency_moco-vit-spectral': ('saliency_moco', VIT, dict(queue_size=64, saliency='spectral'), 0.0),
+    'saliency_moco-resnet-warped-key': ('saliency_moco', RESNET, dict(queue_size=64, saliency='warped_key'), 0.0),
 }
 TOTAL = 1000
 

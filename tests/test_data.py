@@ -18,13 +18,15 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+import reference
 from aten_ops import AtenOps
 from folk_nb import data as D
 from folk_nb.checks import host_syncs
 from folk_nb.data import (CIFAR10_CLASSES, DATASET_STATS, CorruptImageWarning, GPUDataLoader, ImageFolderDataset,
                           RandomResizedCropFlip, ViewSpec, augment_batch, channel_stats, color_jitter, create_dataset,
                           create_loader, dataset_tensors, gaussian_blur, load_folder_tensors, make_transform,
-                          prepare_cifar10, resized_crop, sample_crop_boxes, view_specs)
+                          prepare_cifar10, resized_crop, sample_crop_boxes, view_specs,
+                          map_between_views)
 
 
 def pil_array(path):
@@ -405,6 +407,44 @@ def test_resized_crop_matches_torchvision_per_image(hw, out):
     # maps (one channel, float64) and the whole-image box
     m = torch.rand(3, 1, 7, 7, dtype=torch.float64, generator=g)
     assert torch.allclose(resized_crop(m, torch.tensor([[0., 0., 1., 1.]] * 3), 7), m)
+
+
+@pytest.mark.parametrize('src_hw,out', [((4, 4), (32, 32)), ((5, 7), (12, 9)), ((16, 16), (8, 8))])
+def test_map_between_views_matches_the_per_pixel_reference(src_hw, out):
+    g = torch.Generator().manual_seed(sum(src_hw) + sum(out))
+    B = 10
+    m = torch.randn(B, 2, *src_hw, generator=g, dtype=torch.float64)
+    src, dst = sample_crop_boxes(B, 40, 50, (0.05, 1.0), generator=g), sample_crop_boxes(B, 40, 50, (0.05, 1.0), generator=g)
+    dst[0] = src[0]                                            # one view onto itself: all inside
+    dst[1] = torch.tensor([0.0, 0.0, 0.1, 0.1]); src[1] = torch.tensor([0.5, 0.5, 1.0, 1.0])   # disjoint crops
+    fs, fd = torch.rand(B, generator=g) < 0.5, torch.rand(B, generator=g) < 0.5
+    got, inside = map_between_views(m, src, dst, out, fs, fd)
+    assert got.shape == (B, 2, *out) and got.dtype == torch.float32 and inside.shape == (B, 1, *out)
+    for i in range(B):
+        ref, ref_inside, on_edge = reference.map_between_views(m[i].numpy(), src[i].tolist(), dst[i].tolist(), out,
+                                                               bool(fs[i]), bool(fd[i]))
+        np.testing.assert_allclose(got[i].numpy(), ref, atol=1e-5)
+        np.testing.assert_array_equal(inside[i, 0].numpy()[~on_edge], ref_inside[~on_edge])
+        assert on_edge.mean() < 0.3
+    assert inside[0].all() and not inside[1].any()
+
+
+def test_map_between_views_refuses_bad_input():
+    m, boxes, fl = torch.rand(3, 1, 4, 4), sample_crop_boxes(3, 32, 32), torch.zeros(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r'src_boxes must be a float tensor \(B, 4\) = \(3, 4\)'):
+        map_between_views(m, boxes[:2], boxes, 8)
+    with pytest.raises(ValueError, match='dst_boxes must be a float tensor.*torch.int64'):
+        map_between_views(m, boxes, (boxes * 32).long(), 8)
+    with pytest.raises(ValueError, match=r'dst_flipped must be None or a bool tensor \(3,\)'):
+        map_between_views(m, boxes, boxes, 8, fl, fl.float())
+    with pytest.raises(ValueError, match='x1 > x0 and y1 > y0'):
+        map_between_views(m, boxes, boxes.flip(-1), 8)
+    with pytest.raises(ValueError, match="mode must be 'bilinear' or 'nearest'"):
+        map_between_views(m, boxes, boxes, 8, mode='bicubic')
+    with pytest.raises(ValueError, match='size must be a positive int'):
+        map_between_views(m, boxes, boxes, 0)
+    with pytest.raises(ValueError, match='x'):
+        map_between_views(torch.rand(3, 4, 4), boxes, boxes, 8)
 
 
 def test_color_jitter_matches_torchvision_per_image():

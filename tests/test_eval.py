@@ -786,6 +786,16 @@ def test_bench_saliency_map_flop_share():
     assert row['saliency_map_flops_per_img'] == pytest.approx(fwd.get_total_flops() / 4)
     assert row['saliency_map_flop_share'] == pytest.approx(fwd.get_total_flops() / step.get_total_flops())
     assert 0.2 < row['saliency_map_flop_share'] < 0.3        # one forward of the 4 a MoCo step has (3 train + 1 key)
+    warped = bench.bench_one('saliency_moco', 'resnet18_32', batch=4, steps=1, warmup=1, device=torch.device('cpu'),
+                             method_kwargs={'queue_size': 16, 'saliency': 'warped_key'})
+    assert warped['status'] == 'ok', warped
+    assert warped['moco_step_flops_per_img'] == pytest.approx(row['moco_step_flops_per_img'])
+    assert warped['saliency_map_flops_per_img'] == 0          # carried over from the key pass: no encoder forward
+    for r in (row, warped):                                   # the step against plain MoCo's, timed in the same run
+        assert r['paired_rounds'] == 5 and r['paired_step_ms'] > 0 and r['moco_step_ms'] > 0
+        lo, hi = r['over_moco_step_range']                    # the median of the pairs' ratios lies within them
+        assert 0 < lo <= r['over_moco_step'] <= hi
+    assert warped['flops_per_img'] < row['flops_per_img'] - 0.9 * row['saliency_map_flops_per_img']   # and the step lost it
 
 
 def test_cifar10_table_smoke_with_an_ablation(tmp_path, cifar10_archive, cifar10_root, capsys):

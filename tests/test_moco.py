@@ -13,7 +13,10 @@ import torch.nn.functional as F
 import folk_nb.moco as moco_mod
 from folk_nb.methods import create_method
 from folk_nb.moco import MoCo, SaliencyMoCo, contrastive_logits, enqueue, info_nce, positive_accuracy
+import reference
 from aten_ops import AtenOps
+from folk_nb.data import resized_crop, sample_crop_boxes
+from folk_nb.images import sample_images, sample_names
 from folk_nb.saliency import cnn_saliency, foreground_patches, patch_pixel_mask, patch_saliency
 
 VIT = dict(model='vit_tiny_patch16_224', img_size=32, patch_size=8, model_kwargs=dict(depth=1, embed_dim=64, num_heads=2))
@@ -268,7 +271,74 @@ def test_momentum_backbone_passes_per_step(kw, per_direction, symmetric):
     if kw == {}: torch.testing.assert_close(a['key_saliency'], cnn_saliency(m.momentum_backbone, views(b=6)[1]))
 
 
-# ---------------------------------------------------------------- gradients and EMA
+# ---------------------------------------------------------------- saliency='warped_key'
+def geometric_batch(b=6, size=32, seed=0):
+    "Two views of real pictures cut by real crop boxes and flips (as the loaders make them), with that geometry."
+    g = torch.Generator().manual_seed(seed)
+    img = sample_images(sample_names()[:b], 2 * size)
+    boxes = [sample_crop_boxes(b, 2 * size, 2 * size, (0.2, 1.0), generator=g) for _ in range(2)]
+    flipped = [torch.rand(b, generator=g) < 0.5 for _ in range(2)]
+    return dict(views=[resized_crop(img, bx, size, f) for bx, f in zip(boxes, flipped)], boxes=boxes, flipped=flipped)
+
+
+@pytest.mark.parametrize('symmetric', [False, True])
+def test_warped_key_masks_the_query_by_the_key_pass_map_carried_over(symmetric, monkeypatch):
+    torch.manual_seed(1)
+    m = SaliencyMoCo(**CNN, queue_size=16, saliency='warped_key', symmetric=symmetric)
+    batch = geometric_batch()
+    seen, orig = [], SaliencyMoCo.query_saliency
+    def spy(self, xq, key_saliency=None, geometry=None):
+        out = orig(self, xq, key_saliency, geometry)
+        seen.append(dict(xq=xq, key_saliency=key_saliency.clone(), out=out))
+        return out
+    monkeypatch.setattr(SaliencyMoCo, 'query_saliency', spy)
+    sizes, hook = stem_batch_sizes(m)
+    ref_net = copy.deepcopy(m.momentum_backbone).train()
+    out = m(batch)
+    hook.remove()
+    assert sizes == [6, 6] * (1 + symmetric)                        # keys and hard negatives: no query pass
+    assert len(seen) == 1 + symmetric
+    for d, (q, k) in enumerate([(0, 1), (1, 0)][:1 + symmetric]):
+        assert seen[d]['xq'] is batch['views'][q]
+        with torch.no_grad():                                        # the key pass's map, recomputed by hand
+            ks = ref_net.model.forward_features((batch['views'][k] - MEAN) / STD).sum(1, keepdim=True)
+        torch.testing.assert_close(seen[d]['key_saliency'], ks)
+        sal, known = seen[d]['out']
+        for i in range(6):
+            carried, inside, on_edge = reference.map_between_views(
+                ks[i].numpy(), batch['boxes'][k][i].tolist(), batch['boxes'][q][i].tolist(), (32, 32),
+                bool(batch['flipped'][k][i]), bool(batch['flipped'][q][i]))
+            expect = np.where(inside, carried[0], ks[i].double().mean().item())
+            np.testing.assert_allclose(sal[i, 0].numpy()[~on_edge], expect[~on_edge], rtol=1e-4, atol=1e-4)
+            np.testing.assert_array_equal(known[i, 0].numpy()[~on_edge], inside[~on_edge])
+    assert not seen[0]['out'][1].all() and seen[0]['out'][1].any()  # these crops overlap only in part
+    torch.testing.assert_close(out['saliency'], seen[0]['out'][0])
+    assert torch.equal(out['foreground'], foreground_patches(patch_saliency(out['saliency'], out['grid'], (32, 32)), 0.6))
+    qpix = patch_pixel_mask(out['query_mask'], out['grid'], (32, 32))
+    assert torch.equal(torch.where(qpix, 0.0, out['input']), torch.where(qpix, 0.0, batch['views'][0]))
+    out['loss'].backward()
+    assert all(p.grad is None for p in m.momentum_backbone.parameters())
+
+
+def test_warped_key_refuses_what_it_cannot_use():
+    m = SaliencyMoCo(**CNN, queue_size=16, saliency='warped_key')
+    batch = geometric_batch(b=4)
+    with pytest.raises(ValueError, match="needs 'boxes' = \\[query boxes, key boxes\\].*this batch has no 'boxes'"):
+        m({'views': batch['views']})
+    with pytest.raises(ValueError, match="this batch has no 'flipped'"):
+        m(dict(views=batch['views'], boxes=batch['boxes']))
+    with pytest.raises(ValueError, match=r"batch\['boxes'\] must be a list of two float tensors of shape \(4, 4\)"):
+        m(dict(batch, boxes=[b[:3] for b in batch['boxes']]))
+    with pytest.raises(ValueError, match=r"batch\['flipped'\] must be a list of two bool tensors"):
+        m(dict(batch, flipped=[f.long() for f in batch['flipped']]))
+    with pytest.raises(ValueError, match='needs geometry'):
+        m.augment(*batch['views'])
+    with pytest.raises(ValueError, match="saliency='warped_key' needs a CNN backbone"):
+        SaliencyMoCo(**VIT, saliency='warped_key')
+    m2 = create_method('saliency_moco', **json.loads(json.dumps(m.config)))   # the config names it, as checkpoints do
+    assert m2.saliency == 'warped_key' and m2.saliency_model is None
+
+
 @pytest.mark.parametrize('kind', ['moco_vit', 'saliency_cnn', 'saliency_timm', 'moco_resnet18'])
 def test_gradients_reach_online_encoder_only(kind):
     torch.manual_seed(0)

@@ -20,10 +20,11 @@ class Slower(NoisyToy):
 
 method = Slower(noise=0.0)
 loader = FixedLoader(batch_size=8 // info.world_size, rank=info.rank, world_size=info.world_size)
-cfg = TrainConfig(epochs=100_000, time_budget_min=0.01, lr=1e-2, out_dir=str(out / 'run'), progress=False,
+cfg = TrainConfig(epochs=100_000, time_budget_min=0.03, lr=1e-2, out_dir=str(out / 'run'), progress=False,
                   log_every=10_000, ckpt_every=10 ** 6)
 t = Trainer(method, loader, cfg, dist_info=info)
 s = t.fit()
 (out / f'rank{info.rank}.json').write_text(json.dumps(dict(steps=s['steps'], train_seconds=s['train_seconds'],
-                                                         status=s['status'], total_steps=t.total_steps)))
+                                                         status=s['status'], total_steps=t.total_steps,
+                                                         clock_syncs=t.clock_syncs)))
 torch.distributed.destroy_process_group()
