@@ -500,8 +500,9 @@ class SaliencyMoCo(MoCo):
         if self.saliency != 'warped_key':
             return self.saliency_map(xq), None
         if key_saliency is None or geometry is None:
-            raise ValueError("saliency='warped_key' needs the key view's saliency and the views' geometry "
-                             "[(query boxes, query flipped), (key boxes, key flipped)]")
+            raise ValueError("saliency='warped_key' needs geometry = [(query boxes, query flipped), (key boxes, key "
+                             "flipped)] (the views' crop boxes (B, 4) and flips (B,), as the loaders give them) and "
+                             "the key view's saliency (B, 1, h, w)")
         (qb, qf), (kb, kf) = geometry
         warped, known = map_between_views(key_saliency, kb, qb, tuple(xq.shape[-2:]), kf, qf)
         unknown_value = key_saliency.float().mean((2, 3), keepdim=True)      # outside the key crop: the key map's mean
@@ -539,11 +540,8 @@ class SaliencyMoCo(MoCo):
         B, _, H, W = xq.shape
         grid = patch_grid_size(H, W, self.grid_cells)
         known = None
-        if self.saliency == 'warped_key':
-            if geometry is None:
-                raise ValueError("saliency='warped_key' needs geometry = [(query boxes, query flipped), (key boxes, key "
-                                 "flipped)]: the views' crop boxes (B, 4) and flips (B,), as the loaders give them")
-            if key_saliency is None: key_saliency = self.saliency_map(xk)
+        if self.saliency == 'warped_key':                               # query_saliency refuses a missing geometry
+            if key_saliency is None and geometry is not None: key_saliency = self.saliency_map(xk)
             sal, known = self.query_saliency(xq, key_saliency, geometry)
         elif self.hard_negative and key_saliency is None:                # one saliency pass for both views
             sal, key_saliency = self.saliency_map(torch.cat([xq, xk])).split(B)

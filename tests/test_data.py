@@ -443,7 +443,7 @@ def test_map_between_views_refuses_bad_input():
         map_between_views(m, boxes, boxes, 8, mode='bicubic')
     with pytest.raises(ValueError, match='size must be a positive int'):
         map_between_views(m, boxes, boxes, 0)
-    with pytest.raises(ValueError, match='x'):
+    with pytest.raises(ValueError, match=r'x must be a 4-D batch \(B, C, H, W\)'):
         map_between_views(torch.rand(3, 4, 4), boxes, boxes, 8)
 
 
