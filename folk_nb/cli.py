@@ -4,15 +4,15 @@
 
 # %% ../nbs/41_cli.ipynb #4525f295
 from __future__ import annotations
-import argparse, inspect, json, math, os, shutil, sys, time
+import argparse, dataclasses, inspect, json, math, os, shutil, sys, time
 from pathlib import Path
 import torch
 
 # %% auto #0
 __all__ = ['SWITCH', 'METHOD_NAMES', 'DEFAULT_MODEL', 'RESUME_SAME_ARGS', 'switch', 'build_parser', 'load_config_file',
-           'check_device', 'parse_args', 'resolve_defaults', 'build_method', 'build_loader', 'check_resume_args',
-           'run_pretrain', 'main', 'exit_status', 'pretrain_command', 'method_batch', 'loss_curves',
-           'reconstruction_figure', 'training_report', 'demo_main', 'demo_command']
+           'check_device', 'parse_args', 'resolve_defaults', 'build_method', 'recipe_views', 'build_loader',
+           'check_resume_args', 'run_pretrain', 'main', 'exit_status', 'pretrain_command', 'method_batch',
+           'loss_curves', 'reconstruction_figure', 'training_report', 'demo_main', 'demo_command']
 
 # %% ../nbs/41_cli.ipynb #b93f0779
 SWITCH = ('auto', 'on', 'off')   # a speed switch of the command line: auto = the library's default for the device
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--download', action='store_true', help='download CIFAR-10 with torchvision if missing')
     g.add_argument('--epoch-size', type=int, help='samples per epoch for in-memory data (default: the dataset size; samples: 512)')
     g.add_argument('--num-workers', type=int, default=4, help='loader processes for folder data')
+    g.add_argument('--crop-scale', type=float, metavar='MIN', help="smallest crop of the random resized crop, as a "
+                   "fraction of the image area, for every view (default: the method's recipe, 0.2; CIFAR-10 MoCo "
+                   "recipes elsewhere use 0.08)")
     g = p.add_argument_group('schedule')
     g.add_argument('--epochs', type=int, default=1, help='passes over the data (the schedule length unless --max-steps is set)')
     g.add_argument('--max-steps', type=int, help='stop after this many steps (also the schedule length)')
@@ -162,6 +165,8 @@ def parse_args(argv=None) -> dict:
         if args[k] is not None and args[k] < 1: parser.error(f"--{k.replace('_', '-')} must be >= 1, got {args[k]}")
     for k in ('num_workers', 'knn_every'):
         if args[k] < 0: parser.error(f"--{k.replace('_', '-')} must be >= 0, got {args[k]}")
+    if args.get('crop_scale') is not None and not (0 < args['crop_scale'] <= 1):
+        parser.error(f"--crop-scale must be a fraction of the image area in (0, 1], got {args['crop_scale']}")
     if args['time_budget'] is not None and not (math.isfinite(args['time_budget']) and args['time_budget'] > 0):
         parser.error(f"--time-budget must be a finite, positive number of minutes, got {args['time_budget']}")
     try: check_device(args['device'])
@@ -192,9 +197,16 @@ def build_method(args: dict, num_images: int | None = None):
         kw.setdefault('num_images', num_images)
     return create_method(args['method'], **kw)
 
+def recipe_views(recipe: str, size: int, crop_scale: float | None = None):
+    "The recipe's name, or with `crop_scale` its views (`ViewSpec`s) with crop scale (crop_scale, 1)."
+    if crop_scale is None: return recipe
+    from folk_nb.data import view_specs
+    return tuple(dataclasses.replace(v, scale=(crop_scale, 1.0)) for v in view_specs(recipe, size))
+
 def build_loader(args: dict, recipe: str, rank: int = 0, world_size: int = 1, device=None):
     "Create the training loader the options describe."
     from folk_nb.data import create_loader
+    recipe = recipe_views(recipe, args['img_size'], args.get('crop_scale'))
     return create_loader(args['data'], 'train', recipe=recipe, size=args['img_size'], batch_size=args['batch_size'],
                          device=device, seed=args['seed'], rank=rank, world_size=world_size, epoch_size=args['epoch_size'],
                          num_workers=args['num_workers'], root=args['data_root'], download=args['download'], archive=args['archive'],

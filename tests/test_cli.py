@@ -241,3 +241,26 @@ def test_speed_switches_reach_the_trainer_and_the_loader(tmp_path):
     assert build_loader({**args, 'data': 'samples', 'epoch_size': 16, 'batch_size': 8}, 'moco', device='cpu').fused_augment is True
     assert build_loader({**args, 'data': 'samples', 'epoch_size': 16, 'batch_size': 8, 'fused_augment': 'auto'}, 'moco',
                         device='cpu').fused_augment is False                    # auto on the CPU
+
+
+def test_crop_scale_reaches_the_loader_and_the_crops(tmp_path, capsys):
+    "--crop-scale MIN: stored in args.json, every view's ViewSpec crops down to MIN, and the drawn crop boxes do."
+    s = run('moco', tmp_path, '--max-steps', '2', '--crop-scale', '0.08')
+    assert s['steps'] == 2
+    args = json.loads((tmp_path / 'args.json').read_text())
+    assert args['crop_scale'] == 0.08
+    from folk_nb.cli import build_loader
+
+    def crop_areas(crop_scale):
+        loader = build_loader({**args, 'crop_scale': crop_scale, 'epoch_size': 128, 'batch_size': 32}, 'moco', device='cpu')
+        areas = torch.cat([(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for batch in loader for b in batch['boxes']])
+        return loader, areas
+
+    loader, areas = crop_areas(0.08)
+    assert [v.scale for v in loader.specs] == [(0.08, 1.0)] * 2
+    assert len(areas) == 256 and areas.min() >= 0.08 - 0.02 and areas.min() < 0.2    # P(no crop < 0.2) ~ 1e-15
+    loader, areas = crop_areas(None)                                                   # the recipe's own: 0.2
+    assert [v.scale for v in loader.specs] == [(0.2, 1.0)] * 2 and areas.min() >= 0.2 - 0.02
+    with pytest.raises(SystemExit):
+        main(['--method', 'moco', '--crop-scale', '0', '--out', str(tmp_path / 'bad')])
+    assert '--crop-scale must be a fraction of the image area in (0, 1], got 0.0' in capsys.readouterr().err
