@@ -38,8 +38,8 @@ RESNET = ['--model', 'resnet18', '--img-size', '32', '--cifar-stem',
 # No split BatchNorm (MoCo's bn_splits, the single-GPU shuffle BN of the official MoCo CIFAR-10 demo, --bn-splits 8):
 # measured on an H100 (2026-11-22, results/*225024*), 8 splits learned about as much per epoch but the first, eager
 # SplitBatchNorm2d cost a third of the throughput, so at equal time MoCo was worse (kNN 0.587 against 0.623 in 2 min).
-# The layer is now one F.batch_norm over a view (bench/split_bn.py); until a GPU measures it, try it with
-# --method-args '{"bn_splits": 8}' rather than in the recipe.
+# The layer is now one F.batch_norm over a view (bench/split_bn.py), but on an H100 (2026-11-23) it still halves the
+# MoCo step in channels_last (11,227 against 22,136 img/s): try it with --method-args '{"bn_splits": 8}' only.
 MOCO = {'queue_size': 4096, 'momentum': 0.99, 'temperature': 0.1}
 # FAMT refreshes its attention bank every 10% of the schedule (the paper's rule, for ~800 epochs: one refresh window
 # of ~1 epoch of extra un-masked forward passes every 80 epochs). A budget of minutes holds ~20 epochs, where 10% is
