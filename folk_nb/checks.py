@@ -12,7 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 # %% auto #0
-__all__ = ['SYNC_OPS', 'HOST_TO_DEVICE', 'value_checks_enabled', 'value_checks', 'host_syncs', 'device_constant']
+__all__ = ['SYNC_OPS', 'HOST_TO_DEVICE', 'value_checks_enabled', 'value_checks', 'host_syncs', 'device_constant', 'device_cached']
 
 # %% ../nbs/00_checks.ipynb #0d8248ff
 _VALUE_CHECKS = ContextVar('folk_nb_value_checks', default=True)
@@ -78,3 +78,21 @@ def device_constant(
     "A constant tensor on `device`, copied from the host once and cached (a host-to-device copy syncs a GPU stream)."
     if torch.compiler.is_compiling(): return torch.tensor(values, device=device, dtype=dtype)
     return _cached_constant(_hashable(values, dtype.is_floating_point), torch.device(device), dtype)
+
+# %% ../nbs/00_checks.ipynb #8e63768c
+_BUILT = {}   # (name, key, device) -> tensor, see device_cached
+
+def device_cached(
+    name: str,      # what `build` makes: part of the cache key
+    key: tuple,     # the arguments of `build` (hashable)
+    device,         # where the tensor lives
+    build,          # build(*key, device=device) -> Tensor
+) -> torch.Tensor:  # read-only: shared by every caller with the same name, key and device
+    "A tensor that a few ops build on `device`, built once per (name, key, device) and reused."
+    if torch.compiler.is_compiling(): return build(*key, device=device)
+    k = (name, tuple(key), torch.device(device))
+    t = _BUILT.get(k)
+    if t is None:
+        if len(_BUILT) >= 1024: _BUILT.clear()           # many sizes (a user's sweep): start over, never grow without end
+        with torch.inference_mode(False), torch.no_grad(): t = _BUILT[k] = build(*key, device=device)
+    return t

@@ -20,7 +20,7 @@ from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .spectrum import check_images
-from .checks import device_constant, value_checks_enabled
+from .checks import device_cached, device_constant, value_checks_enabled
 from .images import sample_images, sample_names
 
 # %% auto #0
@@ -649,6 +649,9 @@ def resized_crop(
     return out.to(x.dtype)
 
 # %% ../nbs/20_data.ipynb #712e8cea
+def _pixel_centres(n: int, device=None) -> Tensor:   # (n,) float32 pixel centres as fractions of the side
+    return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
+
 def map_between_views(
     x: Tensor,                           # (B, C, h, w) maps over the source views (e.g. a CNN's saliency of the key view)
     src_boxes: Tensor,                   # (B, 4) crop boxes of the source views (x0, y0, x1, y1), fractions of the image
@@ -679,7 +682,7 @@ def map_between_views(
         raise ValueError("every box needs x1 > x0 and y1 > y0 (an empty box has no view)")
 
     def axis(k, n, src_f, dst_f):  # (B, n) destination pixel centres in source-view fractions (0..1 inside)
-        t = (torch.arange(n, device=dev, dtype=torch.float32) + 0.5) / n
+        t = device_cached('pixel_centres', (n,), dev, _pixel_centres)   # (n,) (i + 0.5) / n, built once per size
         if dst_f is not None: t = torch.where(dst_f.to(dev)[:, None], 1 - t, t)
         u = db[:, k, None] + t * (db[:, k + 2] - db[:, k])[:, None]          # image fraction
         s = (u - sb[:, k, None]) / (sb[:, k + 2] - sb[:, k])[:, None]        # source-view fraction

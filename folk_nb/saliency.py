@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .spectrum import check_images
-from .checks import value_checks_enabled, device_constant
+from .checks import value_checks_enabled, device_constant, device_cached
 from .patch_masks import _check_generator   # the same generator check as the patch masks (notebook 10)
 from .models import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
@@ -47,6 +47,11 @@ def _check_ratio_range(
     return lo, hi
 
 # %% ../nbs/12_saliency.ipynb #275ece9d
+def _gaussian_kernel(sigma: float, r: int, device=None) -> Tensor:   # (2r+1,) float32, sums to 1
+    t = torch.arange(-r, r + 1, device=device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
 def gaussian_blur(
     x: Tensor,     # images (B, C, H, W), any float dtype
     sigma: float,  # standard deviation in pixels (> 0)
@@ -58,9 +63,7 @@ def gaussian_blur(
         raise ValueError(f"sigma must be a finite number > 0 (pixels), got {sigma!r}")
     B, C, H, W = x.shape
     r = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
+    k = device_cached('gaussian_kernel', (float(sigma), r), x.device, _gaussian_kernel)   # built once per sigma
     y = x.float().reshape(B * C, 1, H, W)
     y = F.conv2d(F.pad(y, (r, r, 0, 0), mode='replicate'), k.view(1, 1, 1, -1))
     y = F.conv2d(F.pad(y, (0, 0, r, r), mode='replicate'), k.view(1, 1, -1, 1))
@@ -199,6 +202,13 @@ def patch_index_map(
     cols = torch.arange(w, device=device) * gw // w
     return rows[:, None] * gw + cols[None, :]
 
+def _patch_ids(h, w, gh, gw, device=None) -> Tensor:   # patch_index_map for device_cached
+    return patch_index_map(h, w, (gh, gw), device)
+
+def _patch_pixel_counts(h, w, gh, gw, device=None) -> Tensor:   # (gh*gw,) float32 pixels per patch
+    return torch.zeros(gh * gw, device=device).index_add_(0, _patch_ids(h, w, gh, gw, device).flatten(),
+                                                           torch.ones(h * w, device=device))
+
 # %% ../nbs/12_saliency.ipynb #6c0dd113
 def patch_pixel_mask(
     patch_mask: Tensor,  # (B, gh*gw) bool, True = patch selected
@@ -211,7 +221,7 @@ def patch_pixel_mask(
     gh, gw = _check_grid(grid, H, W)
     if patch_mask.shape[1] != gh * gw:
         raise ValueError(f"patch_mask has {patch_mask.shape[1]} patches per row but grid {gh}x{gw} has {gh * gw}")
-    pid = patch_index_map(H, W, (gh, gw), device=patch_mask.device)
+    pid = device_cached('patch_index_map', (H, W, gh, gw), patch_mask.device, _patch_ids)
     return patch_mask[:, pid].unsqueeze(1)
 
 # %% ../nbs/12_saliency.ipynb #005fa102
@@ -235,9 +245,9 @@ def patch_saliency(
             s = F.interpolate(s, size=(H, W), mode='bilinear', align_corners=False)
     B, _, H, W = s.shape
     gh, gw = _check_grid(grid, H, W, 'saliency map (pass image_size to resample it)')
-    pid = patch_index_map(H, W, (gh, gw), device=s.device).flatten()
+    pid = device_cached('patch_index_map', (H, W, gh, gw), s.device, _patch_ids).flatten()
     sums = torch.zeros(B, gh * gw, device=s.device).index_add_(1, pid, s.reshape(B, H * W))
-    counts = torch.zeros(gh * gw, device=s.device).index_add_(0, pid, torch.ones(H * W, device=s.device))
+    counts = device_cached('patch_pixel_counts', (H, W, gh, gw), s.device, _patch_pixel_counts)
     return sums / counts                                         # (not torch.bincount: on a GPU it reads a max back)
 
 # %% ../nbs/12_saliency.ipynb #74865deb
