@@ -12,7 +12,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 # %% auto #0
-__all__ = ['SYNC_OPS', 'HOST_TO_DEVICE', 'value_checks_enabled', 'value_checks', 'host_syncs', 'device_constant', 'device_cached']
+__all__ = ['SYNC_OPS', 'HOST_TO_DEVICE', 'value_checks_enabled', 'value_checks', 'display_outputs_enabled', 'display_outputs',
+           'host_syncs', 'device_constant', 'device_cached']
 
 # %% ../nbs/00_checks.ipynb #0d8248ff
 _VALUE_CHECKS = ContextVar('folk_nb_value_checks', default=True)
@@ -32,6 +33,24 @@ def value_checks(
     token = _VALUE_CHECKS.set(enabled)
     try: yield
     finally: _VALUE_CHECKS.reset(token)
+
+# %% ../nbs/00_checks.ipynb #8ecf119f
+_DISPLAY_OUTPUTS = ContextVar('folk_nb_display_outputs', default=True)
+
+def display_outputs_enabled() -> bool:  # True: forwards also return the tensors widgets show
+    "Whether a method's forward builds its display tensors here and now (not in the trainer's steps)."
+    if torch.compiler.is_compiling(): return False
+    return _DISPLAY_OUTPUTS.get()
+
+@contextmanager
+def display_outputs(
+    enabled: bool,  # False: forwards return their losses and statistics only
+):
+    "Turn the display tensors of forwards on or off inside a `with` block (this thread or task only)."
+    if not isinstance(enabled, bool): raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    token = _DISPLAY_OUTPUTS.set(enabled)
+    try: yield
+    finally: _DISPLAY_OUTPUTS.reset(token)
 
 # %% ../nbs/00_checks.ipynb #18440ffe
 SYNC_OPS = ('aten::_local_scalar_dense', 'aten::nonzero', 'aten::masked_select', 'aten::unique', 'aten::_unique',

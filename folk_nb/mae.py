@@ -18,7 +18,7 @@ from .models import (MAEDecoder, create_backbone, denormalize_images, gather_tok
                             normalize_images, patchify, sincos_pos_embed_2d, unpatchify)
 from .patch_masks import MASKED, THROWN, PatchSplit, mask_throw_keep, random_split, split_counts
 from .spectrum import check_images
-from .checks import value_checks_enabled
+from .checks import display_outputs_enabled, value_checks_enabled
 
 # %% auto #0
 __all__ = ['show_split', 'paste_patches', 'fixed_sincos_pos_embed_', 'MAE', 'uncrop_maps', 'FAMT']
@@ -227,7 +227,8 @@ class MAE(Method):
         x = _check_batch(batch)[0]
         split = self.make_split(batch)
         rec = self.reconstruct(x, split)
-        return dict(loss=rec['loss'], loss_rec=rec['loss'].detach(), split=split, **self.display(x, split, rec))
+        shown = self.display(x, split, rec) if display_outputs_enabled() else {}   # not in the trainer's steps
+        return dict(loss=rec['loss'], loss_rec=rec['loss'].detach(), split=split, **shown)
 
 # %% ../nbs/33_mae.ipynb #0499515a
 def _cover(lo: Tensor, hi: Tensor, n_full: int, n_crop: int) -> Tensor:
@@ -459,8 +460,8 @@ class FAMT(MAE):
         x = _check_batch(batch)[0]
         split, weights = self._split_and_weights(batch)
         rec = self.reconstruct(x, split)
-        return dict(loss=rec['loss'], loss_rec=rec['loss'].detach(), split=split, attention=weights,
-                    **self.display(x, split, rec))
+        shown = self.display(x, split, rec) if display_outputs_enabled() else {}   # not in the trainer's steps
+        return dict(loss=rec['loss'], loss_rec=rec['loss'].detach(), split=split, attention=weights, **shown)
 
 
 def _all_gather(t: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn, Tensor
-from .checks import value_checks
+from .checks import display_outputs, value_checks
 from .methods import checkpoint_config
 
 # %% auto #0
@@ -467,8 +467,8 @@ class Trainer:
         for g in self.optimizer.param_groups: g['lr'] = lr
         batch = to_device(batch, self.device)
         check = self.cfg.value_checks == 'always' or not self._values_checked
-        with value_checks(check), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.forward(batch)
+        with value_checks(check), display_outputs(False), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.forward(batch)                                      # losses and statistics, no display tensors
         self._values_checked = True
         loss = out['loss']
         finite = torch.isfinite(loss.detach()).float()

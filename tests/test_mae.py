@@ -659,3 +659,19 @@ def test_famt_checkpoint_written_before_refresh_min_epochs_resumes(tmp_path):
     torch.save(ckpt, path)
     t = Trainer(create_method('famt', **m.config), loader, cfg).resume()
     assert t.step == 1 and t.fit()['steps'] == 2
+
+
+@pytest.mark.parametrize('make', [tiny_mae, tiny_famt])
+def test_trainer_steps_build_no_display_tensors_but_a_plain_forward_does(make, tmp_path, monkeypatch):
+    "The widgets' images (masked input, pasted reconstruction) cost ops every step; the trainer only reads losses."
+    torch.manual_seed(0)
+    m = make()
+    batch = dict(views=[images(4)], index=torch.arange(4))
+    calls, display = [], type(m).display
+    monkeypatch.setattr(type(m), 'display', lambda self, *a: calls.append(1) or display(self, *a))
+    out = m(batch)
+    assert calls == [1] and out['pred'].shape == out['input'].shape == (4, 3, 32, 32)
+    trainer = Trainer(m, [batch], TrainConfig(max_steps=2, out_dir=str(tmp_path), progress=False))
+    row = trainer.train_step(batch)
+    assert calls == [1] and row is not None and math.isfinite(row['_parts']['loss'])   # the step made no display call
+    assert 'pred' in m(batch) and calls == [1, 1]                             # and left forwards as they were
