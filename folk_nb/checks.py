@@ -18,39 +18,42 @@ __all__ = ['SYNC_OPS', 'HOST_TO_DEVICE', 'value_checks_enabled', 'value_checks',
 # %% ../nbs/00_checks.ipynb #0d8248ff
 _VALUE_CHECKS = ContextVar('folk_nb_value_checks', default=True)
 
+def _switch_on(var: ContextVar) -> bool:  # a switch's value here and now; off while torch.compile traces
+    return not torch.compiler.is_compiling() and var.get()
+
 def value_checks_enabled() -> bool:  # True: run the checks that read tensor values
     "Whether checks that read tensor values (each a host sync on a GPU) run here and now."
-    if torch.compiler.is_compiling(): return False
-    return _VALUE_CHECKS.get()
+    return _switch_on(_VALUE_CHECKS)
 
 # %% ../nbs/00_checks.ipynb #8a33d9f2
+@contextmanager
+def _switched(var: ContextVar, enabled: bool):
+    "Set the boolean switch `var` inside a `with` block; the previous value comes back when it ends."
+    if not isinstance(enabled, bool): raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    token = var.set(enabled)
+    try: yield
+    finally: var.reset(token)
+
 @contextmanager
 def value_checks(
     enabled: bool,  # False: skip the checks that read tensor values; True: run them
 ):
     "Turn the value checks on or off inside a `with` block (this thread or task only)."
-    if not isinstance(enabled, bool): raise TypeError(f"enabled must be True or False, got {enabled!r}")
-    token = _VALUE_CHECKS.set(enabled)
-    try: yield
-    finally: _VALUE_CHECKS.reset(token)
+    with _switched(_VALUE_CHECKS, enabled): yield
 
 # %% ../nbs/00_checks.ipynb #8ecf119f
 _DISPLAY_OUTPUTS = ContextVar('folk_nb_display_outputs', default=True)
 
 def display_outputs_enabled() -> bool:  # True: forwards also return the tensors widgets show
     "Whether a method's forward builds its display tensors here and now (not in the trainer's steps)."
-    if torch.compiler.is_compiling(): return False
-    return _DISPLAY_OUTPUTS.get()
+    return _switch_on(_DISPLAY_OUTPUTS)
 
 @contextmanager
 def display_outputs(
     enabled: bool,  # False: forwards return their losses and statistics only
 ):
     "Turn the display tensors of forwards on or off inside a `with` block (this thread or task only)."
-    if not isinstance(enabled, bool): raise TypeError(f"enabled must be True or False, got {enabled!r}")
-    token = _DISPLAY_OUTPUTS.set(enabled)
-    try: yield
-    finally: _DISPLAY_OUTPUTS.reset(token)
+    with _switched(_DISPLAY_OUTPUTS, enabled): yield
 
 # %% ../nbs/00_checks.ipynb #18440ffe
 SYNC_OPS = ('aten::_local_scalar_dense', 'aten::nonzero', 'aten::masked_select', 'aten::unique', 'aten::_unique',
