@@ -223,7 +223,7 @@ class MAE(Method):
         return dict(input=show_split(x.float(), labels, p), pred=img, target_image=x.detach(), labels=labels)
 
     def forward(self, batch: dict) -> dict:
-        "One MAE step: loss, loss_rec, and input / pred / target_image / split / labels for display."
+        "One MAE step: loss, loss_rec, split, and (outside the trainer's steps) input / pred / target_image / labels for display."
         x = _check_batch(batch)[0]
         split = self.make_split(batch)
         rec = self.reconstruct(x, split)
@@ -456,7 +456,7 @@ class FAMT(MAE):
         return split, w.reshape(b, *self.grid_size)
 
     def forward(self, batch: dict) -> dict:
-        "One FAMT step: loss, loss_rec, input / pred / target_image / split / labels / attention for display."
+        "One FAMT step: loss, loss_rec, split, attention, and (outside the trainer's steps) input / pred / target_image / labels."
         x = _check_batch(batch)[0]
         split, weights = self._split_and_weights(batch)
         rec = self.reconstruct(x, split)
