@@ -18,7 +18,7 @@ from .methods import checkpoint_config
 __all__ = ['COMPILE_MODES', 'RESUME_FIXED', 'RESUME_FREE', 'CHECKPOINT_FORMAT', 'CLOCK_SYNC_EVERY', 'TrainConfig', 'cosine_lr',
            'atomic_save', 'atomic_write_text', 'load_checkpoint', 'check_weights_only', 'rng_state', 'set_rng_state',
            'DistInfo', 'setup_distributed', 'to_device', 'batch_size_of', 'CSVLog', 'NonFiniteLossError', 'is_cnn',
-           'Trainer']
+           'uses_cuda_graphs', 'detached_copy', 'Trainer']
 
 # %% ../nbs/40_trainer.ipynb #d30fd085
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's modes
@@ -292,6 +292,22 @@ def is_cnn(
     return any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
 
 # %% ../nbs/40_trainer.ipynb #37c01145
+def uses_cuda_graphs(
+    compile: bool | str,  # `TrainConfig.compile`: False, True (the default mode) or a torch.compile mode name
+) -> bool:                # whether that mode records CUDA graphs (on a CUDA device)
+    "Whether `torch.compile` in this mode replays CUDA graphs ('reduce-overhead', 'max-autotune')."
+    if not compile: return False
+    from torch._inductor import list_mode_options
+    return bool(list_mode_options(None if compile is True else compile).get('triton.cudagraphs', False))
+
+def detached_copy(
+    out: dict,  # a method's output dict (tensors, also inside tuples, named tuples, lists and dicts)
+) -> dict:      # the same structure; every tensor detached and copied into memory of its own, other values as they are
+    "A copy of a step's outputs that the next CUDA-graph replay cannot overwrite."
+    from torch.utils._pytree import tree_map_only
+    return tree_map_only(Tensor, lambda t: t.detach().clone(), out)
+
+# %% ../nbs/40_trainer.ipynb #193a05b7
 class Trainer:
     "Train any folk_nb method: schedules, mixed precision, logs, checkpoints, resume, DDP."
     def __init__(self,
@@ -332,6 +348,7 @@ class Trainer:
         self.forward = self.model
         if self.cfg.compile:
             self.forward = torch.compile(self.model, mode=None if self.cfg.compile is True else self.cfg.compile)
+        self.cuda_graphs = self.device.type == 'cuda' and uses_cuda_graphs(self.cfg.compile)   # see train_step
         self.sync_free = self.cfg.sync_free if self.cfg.sync_free is not None else self.device.type == 'cuda'
         fused = self.device.type == 'cuda' or self.sync_free    # only the fused optimisers take found_inf
         groups = method.param_groups(self.cfg.weight_decay)
@@ -467,6 +484,7 @@ class Trainer:
         for g in self.optimizer.param_groups: g['lr'] = lr
         batch = to_device(batch, self.device)
         check = self.cfg.value_checks == 'always' or not self._values_checked
+        if self.cuda_graphs: torch.compiler.cudagraph_mark_step_begin()   # a new step: the last one's outputs may go
         with value_checks(check), display_outputs(False), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.forward(batch)                                      # losses and statistics, no display tensors
         self._values_checked = True
@@ -494,7 +512,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         m.after_optimizer_step()
-        self.last_out = out
+        self.last_out = detached_copy(out) if self.cuda_graphs else out     # CUDA graphs reuse the outputs' memory
         row = dict(lr=lr, **{k: v for k, v in sched.items() if isinstance(v, (int, float))})
         row['_parts'] = {k: v.detach() for k, v in out.items() if isinstance(v, Tensor) and v.ndim == 0}   # every scalar the method reports
         if gnorm is not None: row['_gnorm'] = gnorm

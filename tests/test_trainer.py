@@ -322,6 +322,47 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
         config(tmp_path, compile='fastest')
 
 
+class _SharedOutputToy(NoisyToy):
+    "Returns one output in the same memory every step, as a CUDA-graph replay writes where the last one did."
+    def __init__(self, **kw):
+        super().__init__(**kw); self.events = []
+        self.register_buffer('out_memory', torch.zeros(()))
+
+    def forward(self, batch):
+        self.events.append('forward')
+        out = super().forward(batch)
+        self.out_memory.copy_(out['loss_mse'])
+        return {**out, 'replayed': self.out_memory}
+
+
+@pytest.mark.parametrize('sync_free', [False, True])
+def test_cuda_graph_steps_are_marked_and_last_out_survives_the_next_replay(tmp_path, monkeypatch, sync_free):
+    """With a CUDA-graph compile mode every train_step (a skipped non-finite one too) first marks a new step, and
+    `last_out` is a copy the next replay cannot overwrite; without one, nothing is marked or copied."""
+    torch.manual_seed(0)
+    m = _SharedOutputToy(nan_steps=[2])
+    events = m.events
+    monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: events.append('mark'))
+    t = Trainer(m, FixedLoader(), config(tmp_path / 'graphs', epochs=2, sync_free=sync_free))
+    assert t.cuda_graphs is False                            # CPU: no graphs to replay
+    t.cuda_graphs = True                                     # what a CUDA device with compile='reduce-overhead' sets
+    t.fit()
+    assert events == ['mark', 'forward'] * 8                 # 8 steps, step 2's loss NaN: skipped, still marked
+    kept = t.last_out['replayed']
+    assert kept.item() == m.out_memory.item() and kept.data_ptr() != m.out_memory.data_ptr()
+    m.out_memory.fill_(-1.0)                                 # the next replay writes the output's memory ...
+    assert kept.item() != -1.0 and torch.equal(kept, t.last_out['loss_mse'])   # ... the kept copy holds step 8's value
+    events.clear()
+    plain = Trainer(m, FixedLoader(), config(tmp_path / 'plain', epochs=1))     # no graphs: the outputs as returned
+    plain.fit()
+    assert 'mark' not in events and plain.last_out['replayed'] is m.out_memory
+
+
+def test_cuda_graph_modes_replay_no_graphs_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, 'compile', lambda model, mode=None: model)
+    assert Trainer(NoisyToy(), FixedLoader(), config(tmp_path, compile='reduce-overhead')).cuda_graphs is False  # CPU
+
+
 class _EpochLengthToy(NoisyToy):
     def __init__(self): super().__init__(); self.calls = []
     def schedule(self, step, total_steps, steps_per_epoch=None):
