@@ -60,7 +60,8 @@ from folk_nb.methods import METHODS
 if str(Path(__file__).resolve().parent) not in sys.path: sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, load_average, warn_if_busy, load_pair, command_line, append_rows, SYNC_RUNTIME  # noqa: E402
 from train_step import (MODELS, GPU_MODELS, default_batch, build_method, first_batch, famt_bank, make_trainer, sync,  # noqa: E402
-                        describe, add_step_arguments, resolve_step_arguments, failed_row)
+                        describe, add_step_arguments, resolve_step_arguments, failed_row, cuda_graph_skips,
+                        note_cuda_graph_skips)
 
 RESULTS = RESULTS_DIR / 'profile_step.jsonl'
 CPU_MODELS = ('vit_micro_p4_32', 'resnet18_32')
@@ -387,6 +388,7 @@ def profile_one(method_name: str, model_key: str, batch: int, steps: int, warmup
         b = first_batch(method, model_key, batch, device, at)
         reopen = famt_bank(method, famt_refresh, notes)
         if method_name == 'famt': row['famt_state'] = 'refresh window' if reopen else f'steady (refreshes: {method.version})'
+        skips = cuda_graph_skips()
         with tempfile.TemporaryDirectory() as tmp:
             trainer = make_trainer(method, b, batch, device, amp, compile, tmp)
             def step():
@@ -401,6 +403,7 @@ def profile_one(method_name: str, model_key: str, batch: int, steps: int, warmup
                         if reopen: reopen()
                         with record_function(PREFIX + 'step'): trainer.train_step(b)
                     sync(device)
+            if trainer.cuda_graphs: note_cuda_graph_skips(row, cuda_graph_skips() - skips)
             del trainer
         if trace_dir:
             Path(trace_dir).mkdir(parents=True, exist_ok=True)
@@ -415,7 +418,7 @@ def profile_one(method_name: str, model_key: str, batch: int, steps: int, warmup
     finally:
         if cuda: torch.cuda.empty_cache()
     return dict(row, status='ok', step_ms=dt * 1e3, img_per_s=batch / dt,
-                peak_mem_gb=None if mem is None else mem / 2 ** 30, notes=notes)
+                peak_mem_gb=None if mem is None else mem / 2 ** 30, notes=notes + row.pop('notes', []))
 
 # ------------------------------------------------------------------------------------------------ output
 def pct(v) -> str:

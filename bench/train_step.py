@@ -249,6 +249,19 @@ def paired_with_moco(step, model_key: str, batch: int, device: torch.device, met
                 over_moco_step=statistics.median(ratios), over_moco_step_range=[ratios[0], ratios[-1]])
 
 
+def cuda_graph_skips() -> int:
+    "Graphs inductor has compiled without CUDA graphs so far in this process (its own counter)."
+    from torch._dynamo.utils import counters
+    return counters['inductor']['cudagraph_skips']
+
+
+def note_cuda_graph_skips(row: dict, skipped: int) -> None:
+    "Record in a row with a CUDA-graph compile mode how many of its graphs ran without CUDA graphs."
+    row['cuda_graph_skips'] = skipped
+    if skipped: row.setdefault('notes', []).append(
+        f"{skipped} compiled graph(s) ran without CUDA graphs: the log's 'skipping cudagraphs due to ...' says why")
+
+
 def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: int, device: torch.device,
               amp: str = 'auto', compile: bool = False, peak_flops: float = None, method_kwargs: dict = None,
               at: float = 0.0, paired_rounds: int = PAIRED_ROUNDS) -> dict:
@@ -267,12 +280,14 @@ def bench_one(method_name: str, model_key: str, batch: int, steps: int, warmup: 
         row['params_m'] = sum(p.numel() for p in method.parameters() if p.requires_grad) / 1e6
         if method_name == 'saliency_moco': row.update(saliency_flops(method, model_key, batch, device, method_kwargs, b))
         # the trainer's step
+        skips = cuda_graph_skips()
         with tempfile.TemporaryDirectory() as tmp:
             trainer = make_trainer(method, b, batch, device, amp, compile, tmp)
             dt, mem = timed(lambda: trainer.train_step(b), warmup, steps, device)
             if method_name == 'saliency_moco':
                 row.update(paired_with_moco(lambda: trainer.train_step(b), model_key, batch, device, method_kwargs, b,
                                             amp, compile, warmup, steps, paired_rounds))
+            if trainer.cuda_graphs: note_cuda_graph_skips(row, cuda_graph_skips() - skips)
             del trainer
         # the plain eager fp32 step
         opt = torch.optim.AdamW(method.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))

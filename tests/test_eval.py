@@ -560,6 +560,23 @@ def test_bench_runs_one_tiny_config():
     assert row['mfu'] == pytest.approx(row['flops_per_img'] * row['img_per_s'] / 1e12)
 
 
+def test_bench_counts_graphs_compiled_without_cuda_graphs():
+    """The bench reads inductor's own count of graphs that skipped CUDA graphs (on the CPU every graph does, so a
+    'reduce-overhead' compile here counts one) and writes it, with a note, into the row."""
+    bench = load_bench()
+    before = bench.cuda_graph_skips()
+    f = torch.compile(lambda x: (2 * x).sin(), mode='reduce-overhead')
+    assert torch.allclose(f(torch.ones(3)), torch.ones(3).mul(2).sin())
+    skipped = bench.cuda_graph_skips() - before
+    assert skipped == 1
+    row = {'notes': ['earlier note']}
+    bench.note_cuda_graph_skips(row, skipped)
+    assert row['cuda_graph_skips'] == 1 and len(row['notes']) == 2 and 'skipping cudagraphs' in row['notes'][1]
+    clean = {}
+    bench.note_cuda_graph_skips(clean, 0)
+    assert clean == {'cuda_graph_skips': 0}
+
+
 def load_bench_script(name):
     spec = importlib.util.spec_from_file_location(f'bench_{name}', REPO / 'bench' / f'{name}.py')
     mod = importlib.util.module_from_spec(spec)

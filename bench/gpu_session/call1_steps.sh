@@ -5,6 +5,7 @@
 #   MAE / FAMT ViT-B/16 mid-schedule with CUDA graphs: the "FAMT >= 1.5x MAE" target.
 # Usage (repository root): bash bench/gpu_session/call1_steps.sh     (SMOKE=1: dry run on the CPU)
 source "$(dirname "$0")/common.sh"
+export TORCH_LOGS=${TORCH_LOGS-cudagraphs}   # a graph that runs without CUDA graphs says why (rows: cuda_graph_skips)
 {
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; echo "$NOTE"
