@@ -924,7 +924,7 @@ class GPUDataLoader:
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
-        idx = self.epoch_indices(epoch).to(self.device)
+        idx = self.epoch_indices(epoch).to(self.device, non_blocking=True)   # staged by the driver: no stream sync
         gen = torch.Generator(device=self.device)
         gen.manual_seed(_mix(self.seed, epoch, self.rank, 1))
         bs, groups = self.batch_size, _spec_groups(self.specs)

@@ -545,6 +545,19 @@ def test_gpu_loader_is_seeded():
     assert torch.cat([b['index'] for b in plain]).tolist() == list(range(48))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_gpu_loader_epochs_start_and_run_without_a_stream_sync():
+    """On a GPU every batch of an epoch, the first one included (the epoch's order is copied from the CPU then), is
+    made without waiting for the device: CUDA's sync debug mode turns any synchronising call into an error."""
+    dl = GPUDataLoader(_images(), torch.arange(50), 'moco', batch_size=8, size=16, device='cuda', fused_augment=False)
+    ref = [b['index'].cpu() for b in dl]                   # epoch 0: one-time caches (jitter ranges) made here
+    dl.set_epoch(0)
+    torch.cuda.set_sync_debug_mode('error')
+    try: got = [b['index'] for b in dl]
+    finally: torch.cuda.set_sync_debug_mode('default')
+    assert len(got) == len(ref) and all(torch.equal(g.cpu(), r) for g, r in zip(got, ref))
+
+
 @pytest.mark.parametrize('drop_last', [True, False])
 def test_gpu_loader_shards_partition_the_epoch(drop_last):
     imgs, ws = _images(), 3

@@ -1,5 +1,5 @@
 #!/bin/bash
-# GPU call 1 (~9.5 min): where CUDA graphs and compiled steps stand on the host-bound steps.
+# GPU call 1 (~9.5 min): the GPU-only tests, then where CUDA graphs and compiled steps stand on the host-bound steps.
 #   MoCo ResNet-18 at 32 px: eager, compiled, CUDA graphs; split BN (bn_splits 8) compiled and with CUDA graphs;
 #   SaliencyMoCo 'warped_key' (hard negatives off, paired with plain MoCo) with CUDA graphs: the "< 10%" target;
 #   MAE / FAMT ViT-B/16 mid-schedule with CUDA graphs: the "FAMT >= 1.5x MAE" target.
@@ -9,6 +9,8 @@ export TORCH_LOGS=${TORCH_LOGS-cudagraphs}   # a graph that runs without CUDA gr
 {
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; echo "$NOTE"
+[ "$DEVICE" = cuda ] && run 90 python -m pytest -q -p no:cacheprovider tests/test_data.py tests/test_frequency.py \
+  tests/test_saliency.py -k "stream_sync or cuda_masks_follow or cuda_matches_cpu"   # the tests CI (no GPU) skips
 R18=(--models resnet18_32 --steps 20 --warmup 5)
 run 45 train_step "${R18[@]}" --methods moco
 run 80 train_step "${R18[@]}" --methods moco --compile
