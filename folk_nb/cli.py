@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--base-lr', type=float, default=1.5e-4, help='peak learning rate per 512 images of global batch (used without --lr)')
     g.add_argument('--min-lr', type=float, default=0.0, help='floor of the cosine decay (at most the peak learning rate)')
     g.add_argument('--warmup-steps', type=int, help='linear warm-up steps (default: 5%% of the schedule)')
-    g.add_argument('--weight-decay', type=float, default=0.05, help='decoupled weight decay (>= 0; not on biases and norms)')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay (>= 0; see --weight-decay-on)')
+    g.add_argument('--weight-decay-on', choices=('weights', 'all'), default='weights',
+                   help="'weights': not on biases, norms, tokens, position embeddings (the ViT papers); 'all': every "
+                        "parameter (the MoCo CIFAR-10 demo's SGD)")
     g.add_argument('--optimizer', choices=('adamw', 'sgd'), default='adamw', help="AdamW (ViT recipes) or SGD with momentum 0.9 (MoCo / ResNet recipes)")
     g.add_argument('--clip-grad', type=float, default=3.0, help='max gradient norm (0: no clipping)')
     g = p.add_argument_group('run')
@@ -284,7 +287,7 @@ def run_pretrain(args: dict) -> dict:
             print(f"note: {a['data']!r} has no test split: the kNN monitor classifies the training images themselves, "
                   "so its accuracy is not a test accuracy")
     cfg = TrainConfig(epochs=a['epochs'], max_steps=a['max_steps'], time_budget_min=a['time_budget'], base_lr=a['base_lr'], lr=a['lr'], min_lr=a['min_lr'],
-                      warmup_steps=a['warmup_steps'], weight_decay=a['weight_decay'], optimizer=a['optimizer'], clip_grad=a['clip_grad'] or None,
+                      warmup_steps=a['warmup_steps'], weight_decay=a['weight_decay'], weight_decay_on=a.get('weight_decay_on', 'weights'), optimizer=a['optimizer'], clip_grad=a['clip_grad'] or None,
                       amp=a['amp'], compile=a['compile'], seed=a['seed'], deterministic=a['deterministic'],
                       out_dir=str(out), log_every=a['log_every'], ckpt_every=a['ckpt_every'], knn_every=a['knn_every'],
                       progress=not a['no_progress'], value_checks=a['value_checks'],

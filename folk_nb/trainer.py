@@ -34,6 +34,7 @@ class TrainConfig:
     min_lr: float = 0.0              # floor of the cosine decay
     warmup_steps: int | None = None  # linear warm-up; None = 5% of the schedule
     weight_decay: float = 0.05
+    weight_decay_on: str = 'weights' # 'weights': not on biases, norms, tokens, position embeddings; 'all': every parameter
     optimizer: str = 'adamw'         # 'adamw' (ViT recipes) or 'sgd' (momentum 0.9: the MoCo / ResNet recipes)
     betas: tuple = (0.9, 0.95)       # AdamW's betas
     clip_grad: float | None = 3.0    # max gradient norm (None: off)
@@ -61,6 +62,9 @@ class TrainConfig:
         if self.clip_grad is not None and self.clip_grad <= 0: raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad}")
         if self.warmup_steps is not None and self.warmup_steps < 0: raise ValueError(f"warmup_steps must be >= 0 (or None: 5% of the schedule), got {self.warmup_steps}")
         if self.weight_decay < 0: raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.weight_decay_on not in ('weights', 'all'):
+            raise ValueError(f"weight_decay_on must be 'weights' (not biases, norms, tokens, position embeddings) or "
+                             f"'all' (every parameter), got {self.weight_decay_on!r}")
         if self.min_lr < 0: raise ValueError(f"min_lr must be >= 0, got {self.min_lr}")
         if self.lr is not None and not self.lr > 0: raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.base_lr > 0: raise ValueError(f"base_lr must be positive, got {self.base_lr}")
@@ -93,7 +97,7 @@ class TrainConfig:
         return cls(**d)
 
 # %% ../nbs/40_trainer.ipynb #7504d027
-RESUME_FIXED = ('lr', 'base_lr', 'min_lr', 'warmup_steps', 'weight_decay', 'optimizer', 'betas', 'clip_grad', 'seed', 'amp')  # must match the checkpoint's (and the global batch)
+RESUME_FIXED = ('lr', 'base_lr', 'min_lr', 'warmup_steps', 'weight_decay', 'weight_decay_on', 'optimizer', 'betas', 'clip_grad', 'seed', 'amp')  # must match the checkpoint's (and the global batch)
 RESUME_FREE = ('epochs', 'max_steps', 'time_budget_min', 'log_every', 'ckpt_every', 'knn_every', 'max_nonfinite',   # may change on resume
                'progress', 'value_checks', 'compile', 'deterministic', 'out_dir', 'channels_last', 'sync_free')
 
@@ -352,6 +356,8 @@ class Trainer:
         self.sync_free = self.cfg.sync_free if self.cfg.sync_free is not None else self.device.type == 'cuda'
         fused = self.device.type == 'cuda' or self.sync_free    # only the fused optimisers take found_inf
         groups = method.param_groups(self.cfg.weight_decay)
+        if self.cfg.weight_decay_on == 'all':     # one group: biases and norms decay too (the MoCo CIFAR-10 demo's SGD)
+            groups = [dict(params=[p for g in groups for p in g['params']], weight_decay=self.cfg.weight_decay)]
         if self.cfg.optimizer == 'sgd': self.optimizer = torch.optim.SGD(groups, lr=self.peak_lr, momentum=0.9, fused=fused)
         else: self.optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=self.cfg.betas, fused=fused)
         self.amp = (self.cfg.amp == 'bf16') or (self.cfg.amp == 'auto' and self.device.type == 'cuda')

@@ -243,6 +243,19 @@ def test_speed_switches_reach_the_trainer_and_the_loader(tmp_path):
                         device='cpu').fused_augment is False                    # auto on the CPU
 
 
+def test_weight_decay_on_reaches_the_trainer_and_a_resume_must_keep_it(tmp_path, capsys):
+    s = run('moco', tmp_path, '--max-steps', '1', '--optimizer', 'sgd', '--weight-decay-on', 'all')
+    assert s['steps'] == 1 and json.loads((tmp_path / 'args.json').read_text())['weight_decay_on'] == 'all'
+    ckpt = load_checkpoint(tmp_path / 'checkpoints' / 'last.pt')
+    assert ckpt['train_config']['weight_decay_on'] == 'all' and len(ckpt['optimizer']['param_groups']) == 1
+    with pytest.raises(SystemExit):
+        run('moco', tmp_path, '--max-steps', '2', '--optimizer', 'sgd', '--resume')   # default 'weights' differs
+    assert "{'weight_decay_on': ('all', 'weights')}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run('moco', tmp_path / 'bad', '--weight-decay-on', 'biases')
+    assert "invalid choice: 'biases'" in capsys.readouterr().err
+
+
 def test_crop_scale_reaches_the_loader_and_the_crops(tmp_path, capsys):
     "--crop-scale MIN: stored in args.json, every view's ViewSpec crops down to MIN, and the drawn crop boxes do."
     s = run('moco', tmp_path, '--max-steps', '2', '--crop-scale', '0.08')

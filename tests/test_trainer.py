@@ -205,6 +205,27 @@ def test_sgd_optimizer_is_sgd_with_momentum_and_trains(tmp_path):
         TrainConfig(optimizer='adam')
 
 
+class _ZeroLossToy(NoisyToy):
+    "A loss with zero gradients everywhere: an SGD step then only applies the weight decay."
+    def forward(self, batch):
+        out = super().forward(batch)
+        return {**out, 'loss': out['loss'] * 0}
+
+
+@pytest.mark.parametrize('on', ['weights', 'all'])
+def test_weight_decay_on_weights_spares_biases_and_all_decays_every_parameter(tmp_path, on):
+    torch.manual_seed(0); m = _ZeroLossToy()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    lr, wd = 0.1, 0.5
+    Trainer(m, FixedLoader(), config(tmp_path, optimizer='sgd', lr=lr, weight_decay=wd, weight_decay_on=on,
+                                     warmup_steps=0, max_steps=1)).fit()
+    for n, p in m.named_parameters():
+        decayed = on == 'all' or p.ndim > 1                     # NoisyToy: conv / linear weights (ndim > 1) and biases
+        expected = before[n] * (1 - lr * wd) if decayed else before[n]
+        assert torch.allclose(p.detach(), expected, atol=1e-7), (n, on)
+    assert any(p.ndim == 1 for p in m.parameters())             # the toy has parameters that only 'all' decays
+
+
 def test_calibration_restores_every_buffer_and_the_data_position(tmp_path):
     "A time-budgeted run's calibration leaves parameters, buffers and RNG untouched: its steps equal a max_steps run's."
     # a constant learning rate (no warm-up, floor = peak): a budgeted run's schedule runs on its clock, a max_steps

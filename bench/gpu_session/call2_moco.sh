@@ -2,13 +2,14 @@
 # GPU call 2 or 3 (~9.5 min): one MoCo run on CIFAR-10 at a training-minute budget, then kNN and linear probe.
 #   bash bench/gpu_session/call2_moco.sh BUDGET LABEL [folk_nb_pretrain args...]
 # LABEL is stored in every record (`ablation`; `target_run` when it starts with 'target:'). The reference recipe of
-# the official MoCo CIFAR-10 demo (kNN 0.826 at 200 epochs, asymmetric loss) differs from ours in five written-down
+# the official MoCo CIFAR-10 demo (kNN 0.826 at 200 epochs, asymmetric loss) differs from ours in six written-down
 # settings, all options of folk_nb_pretrain:
-#   --crop-scale 0.08 --lr 0.06 --clip-grad 0 --warmup-steps 0 --method-args '{..., "bn_splits": 8}'
+#   --crop-scale 0.08 --lr 0.06 --clip-grad 0 --warmup-steps 0 --weight-decay-on all --method-args '{..., "bn_splits": 8}'
 # e.g. the target run with that recipe, CUDA graphs on (call 1 says whether they pay):
-#   bash bench/gpu_session/call2_moco.sh 8 'target:MoCo v2 ResNet-18 kNN >= 0.80 within 10 H100-minutes (issue #6), demo recipe' \
-#        --crop-scale 0.08 --lr 0.06 --clip-grad 0 --warmup-steps 0 --compile reduce-overhead
-# with METHOD_ARGS='{"bn_splits": 8}' in front for the split BN (merged over bench/cifar10_table.py's MOCO arguments).
+#   METHOD_ARGS='{"bn_splits": 8}' bash bench/gpu_session/call2_moco.sh 8 \
+#        'target:MoCo v2 ResNet-18 kNN >= 0.80 within 10 H100-minutes (issue #6), demo recipe' \
+#        --crop-scale 0.08 --lr 0.06 --clip-grad 0 --warmup-steps 0 --weight-decay-on all --compile reduce-overhead
+# (METHOD_ARGS is merged over bench/cifar10_table.py's MOCO method arguments.)
 LIMIT=${LIMIT:-585}
 source "$(dirname "$0")/common.sh"
 budget=$1 label=$2; shift 2
