@@ -9,7 +9,7 @@ export TORCH_LOGS=${TORCH_LOGS-cudagraphs}   # a graph that runs without CUDA gr
 {
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; echo "$NOTE"
-[ "$DEVICE" = cuda ] && run 90 python -m pytest -q -p no:cacheprovider tests/test_data.py tests/test_frequency.py \
+[ "$DEVICE" = cuda ] && run 90 python -m pytest tests/test_data.py tests/test_frequency.py \
   tests/test_saliency.py -k "stream_sync or cuda_masks_follow or cuda_matches_cpu"   # the tests CI (no GPU) skips
 R18=(--models resnet18_32 --steps 20 --warmup 5)
 run 45 train_step "${R18[@]}" --methods moco
