@@ -4,7 +4,7 @@
 
 # %% ../nbs/34_moco.ipynb #e58d6df0
 from __future__ import annotations
-import copy, math
+import copy, math, warnings
 
 import timm
 import torch
@@ -19,6 +19,7 @@ from .saliency import (
     saliency_patch_mask, hard_negative_patch_mask, fill_patches)
 from .spectrum import check_images
 from .data import map_between_views
+from .checks import value_checks_enabled
 
 # %% auto #0
 __all__ = ['contrastive_logits', 'info_nce', 'positive_accuracy', 'enqueue', 'gather_keys', 'shuffle_across_ranks',
@@ -433,9 +434,13 @@ class SaliencyMoCo(MoCo):
                  fill: str = 'highpass',        # 'highpass' | 'blur' | 'mean'
                  alpha: float = 2.0,            # weight of the hard-negative similarity in the logits
                  hard_negative: bool = True,    # add the hard-negative column (False: masking only)
+                 fused_masking: bool | None = None,  # compile `augment` into a few kernels; None: on CUDA (not saved)
                 ):
         super().__init__(model, img_size, patch_size, cifar_stem, model_kwargs, out_dim, hidden_dim, queue_size,
                          temperature, momentum, momentum_schedule, symmetric, shuffle_bn, bn_splits)
+        if fused_masking not in (None, True, False):
+            raise TypeError(f"fused_masking must be True, False or None (on CUDA), got {fused_masking!r}")
+        self.fused_masking = fused_masking
         if not isinstance(saliency, str):
             raise TypeError(f"saliency must be 'momentum', 'warped_key', 'spectral' or a timm CNN name, got {saliency!r}")
         if saliency in ('momentum', 'warped_key') and self.backbone.kind != 'cnn':
@@ -563,7 +568,28 @@ class SaliencyMoCo(MoCo):
 
     def _key_and_augment(self, xq: Tensor, xk: Tensor, geometry: list = None) -> tuple:
         "The key pass first; with saliency='momentum' or 'warped_key' its own feature map gives the key view's saliency."
-        if not (self.saliency == 'warped_key' or (self.saliency == 'momentum' and self.hard_negative)):
-            return super()._key_and_augment(xq, xk, geometry)
-        k, key_saliency = self.encode_key(xk, with_saliency=True)
-        return k, self.augment(xq, xk, key_saliency, geometry)
+        if self.saliency == 'warped_key' or (self.saliency == 'momentum' and self.hard_negative):
+            k, key_saliency = self.encode_key(xk, with_saliency=True)
+        else: k, key_saliency = self.encode_key(xk), None
+        return k, self.masking(xq, xk, key_saliency, geometry)
+
+    def masking(self,
+                xq: Tensor,                   # query view (B, 3, S, S) in [0, 1]
+                xk: Tensor,                   # key view (B, 3, S, S) in [0, 1]
+                key_saliency: Tensor = None,  # (B, 1, h, w) saliency of the key view, or None
+                geometry: list = None,        # [(boxes, flipped) of the query view, of the key view], or None
+    ) -> dict:                                # `augment`'s dict
+        "`augment`, compiled into a few fused kernels where `fused_masking` says so (default: on CUDA)."
+        fused = self.fused_masking if self.fused_masking is not None else xq.device.type == 'cuda'
+        if (not fused or _FUSED_MASKING.get('failed') or value_checks_enabled() or torch.compiler.is_compiling()):
+            return self.augment(xq, xk, key_saliency, geometry)           # as written (checked), or inside a compiled forward
+        if 'fn' not in _FUSED_MASKING: _FUSED_MASKING['fn'] = torch.compile(SaliencyMoCo.augment, dynamic=False)
+        try: return _FUSED_MASKING['fn'](self, xq, xk, key_saliency, geometry)
+        except Exception as e:
+            out = self.augment(xq, xk, key_saliency, geometry)            # an input error raises here, as unfused
+            _FUSED_MASKING['failed'] = True
+            warnings.warn(f"fused masking unavailable ({type(e).__name__}: {str(e).strip()[:200]}); running the "
+                          "masking eagerly instead")
+            return out
+
+_FUSED_MASKING = {}   # the compiled SaliencyMoCo.augment, made on first use; 'failed' once compiling failed

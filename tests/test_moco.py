@@ -717,3 +717,89 @@ def test_warped_key_masking_adds_few_ops_to_a_moco_forward():
     assert sum(extra.values()) <= 105, extra          # 98 when written (torch 2.14); 138 when every call rebuilt them
     for rebuilt in ('ones', 'exp', 'floor_divide', 'pow'):   # patch ids, pixel counts, Gaussian kernel: cached
         assert rebuilt not in extra, extra
+
+
+# ------------------------------------------------------------------------------------------------ fused masking
+def _masking_inputs(m, b=4):
+    batch = geometric_batch(b=b)
+    xq, xk = batch['views'][:2]
+    geo = [(batch['boxes'][0], batch['flipped'][0]), (batch['boxes'][1], batch['flipped'][1])]
+    _, key_saliency = m.encode_key(xk, with_saliency=True)
+    return xq, xk, key_saliency, geo
+
+
+def test_fused_masking_matches_the_eager_masking_draw_for_draw():
+    """Compiled, `augment` computes what it computes eagerly: with inductor drawing its random numbers as eager code
+    does (`fallback_random`), the fused masking gives the same masks and the same images, two calls in a row."""
+    from folk_nb.checks import value_checks
+    import torch._inductor.config as inductor_config
+    torch.manual_seed(0)
+    eager = SaliencyMoCo(**CNN, queue_size=16, saliency='warped_key', fused_masking=False)
+    inputs = _masking_inputs(eager)                    # its key pass moves the BN statistics: copy the model after it
+    fused = SaliencyMoCo(**CNN, queue_size=16, saliency='warped_key', fused_masking=True)
+    fused.load_state_dict(eager.state_dict())
+    with inductor_config.patch(fallback_random=True), value_checks(False):
+        for seed in (1, 2):
+            torch.manual_seed(seed); a = eager.masking(*inputs)
+            torch.manual_seed(seed); b = fused.masking(*inputs)
+            assert a.keys() == b.keys() and a['grid'] == b['grid']
+            for k in a:                       # masks exactly, images and maps up to fused float arithmetic
+                if isinstance(a[k], torch.Tensor):
+                    assert (torch.allclose(a[k], b[k], atol=1e-5) if a[k].is_floating_point() else torch.equal(a[k], b[k])), k
+    assert not moco_mod._FUSED_MASKING.get('failed')
+    assert b['query_mask'].any() and b['hard_negative_mask'].any()     # the draws masked something
+
+
+def _top_level_aten_ops(fn) -> int:
+    "aten operators called from Python (not from inside another aten operator) while fn() runs, from the profiler."
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU]) as p: fn()
+    def top(e):
+        par = e.cpu_parent
+        while par is not None and not par.name.startswith('aten::'): par = par.cpu_parent
+        return par is None
+    return sum(1 for e in p.events() if e.name.startswith('aten::') and top(e))
+
+
+def test_fused_masking_is_a_few_operator_calls_instead_of_a_hundred():
+    """What the host launches for the warped-key masking: ~150 operator calls eager (views included), a few fused
+    (the compiled kernels, plus the operators inductor leaves to aten: sort, the blur's convolutions)."""
+    from folk_nb.checks import value_checks
+    counts = {}
+    for fused in (False, True):
+        m = SaliencyMoCo(**CNN, queue_size=16, saliency='warped_key', hard_negative=False, fused_masking=fused)
+        inputs = _masking_inputs(m)
+        with value_checks(False):
+            m.masking(*inputs)                                         # compiles (fused)
+            counts[fused] = _top_level_aten_ops(lambda: m.masking(*inputs))
+    assert counts[False] >= 90 and counts[True] <= 10, counts
+
+
+def test_fused_masking_is_skipped_where_it_should_be_and_falls_back_with_a_warning(monkeypatch):
+    "Eager on the CPU by default, with the value checks on (a run's first step) and after a failed compile (warned)."
+    from folk_nb.checks import value_checks
+    calls = []
+    def broken(*args):
+        calls.append(1); raise RuntimeError('no compiler here')
+    monkeypatch.setattr(moco_mod, '_FUSED_MASKING', {'fn': broken})
+    torch.manual_seed(0)
+    m = SaliencyMoCo(**CNN, queue_size=16, saliency='warped_key')
+    inputs = _masking_inputs(m)
+    with value_checks(False): m.masking(*inputs)
+    assert calls == []                                                  # fused_masking=None: on CUDA only
+    m.fused_masking = True
+    m.masking(*inputs)                                                  # value checks on: eager, checked
+    assert calls == []
+    with value_checks(False):
+        bad = (inputs[0], inputs[1], inputs[2], [(inputs[3][0][0][:, :3], inputs[3][0][1]), inputs[3][1]])
+        with pytest.raises(Exception):
+            m.masking(*bad)                                             # an input error raises as it does unfused ...
+        assert calls == [1] and not moco_mod._FUSED_MASKING.get('failed')   # ... and does not switch fusion off
+        torch.manual_seed(3); expected = SaliencyMoCo.augment(m, *inputs)
+        torch.manual_seed(3)
+        with pytest.warns(UserWarning, match='fused masking unavailable .*no compiler here'):
+            out = m.masking(*inputs)
+    assert moco_mod._FUSED_MASKING['failed'] and calls == [1, 1]
+    assert all(torch.equal(out[k], expected[k]) for k in out if isinstance(out[k], torch.Tensor))   # the eager run's
+    with pytest.raises(TypeError, match='fused_masking must be True, False or None'):
+        SaliencyMoCo(**CNN, queue_size=16, fused_masking='yes')
