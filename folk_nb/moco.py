@@ -583,8 +583,9 @@ class SaliencyMoCo(MoCo):
         fused = self.fused_masking if self.fused_masking is not None else xq.device.type == 'cuda'
         if (not fused or _FUSED_MASKING.get('failed') or value_checks_enabled() or torch.compiler.is_compiling()):
             return self.augment(xq, xk, key_saliency, geometry)           # as written (checked), or inside a compiled forward
-        if 'fn' not in _FUSED_MASKING: _FUSED_MASKING['fn'] = torch.compile(SaliencyMoCo.augment, dynamic=False)
-        try: return _FUSED_MASKING['fn'](self, xq, xk, key_saliency, geometry)
+        cls = type(self)                                                  # a subclass's own augment, if it has one
+        if cls not in _FUSED_MASKING: _FUSED_MASKING[cls] = torch.compile(cls.augment, dynamic=False)
+        try: return _FUSED_MASKING[cls](self, xq, xk, key_saliency, geometry)
         except Exception as e:
             out = self.augment(xq, xk, key_saliency, geometry)            # an input error raises here, as unfused
             _FUSED_MASKING['failed'] = True
@@ -592,4 +593,4 @@ class SaliencyMoCo(MoCo):
                           "masking eagerly instead")
             return out
 
-_FUSED_MASKING = {}   # the compiled SaliencyMoCo.augment, made on first use; 'failed' once compiling failed
+_FUSED_MASKING = {}   # class -> its compiled augment, made on first use; 'failed' once compiling failed

@@ -781,7 +781,7 @@ def test_fused_masking_is_skipped_where_it_should_be_and_falls_back_with_a_warni
     calls = []
     def broken(*args):
         calls.append(1); raise RuntimeError('no compiler here')
-    monkeypatch.setattr(moco_mod, '_FUSED_MASKING', {'fn': broken})
+    monkeypatch.setattr(moco_mod, '_FUSED_MASKING', {SaliencyMoCo: broken})
     torch.manual_seed(0)
     m = SaliencyMoCo(**CNN, queue_size=16, saliency='warped_key')
     inputs = _masking_inputs(m)
@@ -803,3 +803,15 @@ def test_fused_masking_is_skipped_where_it_should_be_and_falls_back_with_a_warni
     assert all(torch.equal(out[k], expected[k]) for k in out if isinstance(out[k], torch.Tensor))   # the eager run's
     with pytest.raises(TypeError, match='fused_masking must be True, False or None'):
         SaliencyMoCo(**CNN, queue_size=16, fused_masking='yes')
+
+
+def test_fused_masking_compiles_a_subclass_own_augment(monkeypatch):
+    from folk_nb.checks import value_checks
+    class Tagged(SaliencyMoCo):
+        def augment(self, *args, **kwargs): return dict(super().augment(*args, **kwargs), tagged=True)
+    compiled = []
+    monkeypatch.setattr(moco_mod, '_FUSED_MASKING', {})
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compiled.append(fn) or fn)
+    m = Tagged(**CNN, queue_size=16, saliency='warped_key', fused_masking=True)
+    with value_checks(False): out = m.masking(*_masking_inputs(m))
+    assert out['tagged'] and compiled == [Tagged.augment]
