@@ -792,7 +792,7 @@ def test_fused_masking_is_skipped_where_it_should_be_and_falls_back_with_a_warni
     assert calls == []
     with value_checks(False):
         bad = (inputs[0], inputs[1], inputs[2], [(inputs[3][0][0][:, :3], inputs[3][0][1]), inputs[3][1]])
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError, match=r'dst_boxes must be a float tensor \(B, 4\)'):
             m.masking(*bad)                                             # an input error raises as it does unfused ...
         assert calls == [1] and not moco_mod._FUSED_MASKING.get('failed')   # ... and does not switch fusion off
         torch.manual_seed(3); expected = SaliencyMoCo.augment(m, *inputs)
