@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "each run / resume only, or on every step")
     for flag, what in (('--channels-last', "CNN weights and activations channel-last (NHWC: faster convolutions on GPUs)"),
                        ('--sync-free', "skip non-finite steps on the device (fused optimiser), no host sync per step"),
-                       ('--fused-augment', "compile the GPU loader's colour jitter + grayscale into a few kernels")):
+                       ('--fused-augment', "compile the GPU loader's colour jitter + grayscale into a few kernels"),
+                       ('--color-on-device', "image folders: workers only decode, crop and flip (uint8); the colour "
+                                             "augmentations run batched on the device")):
         g.add_argument(flag, choices=SWITCH, default='auto', help=f"{what}; auto: on CUDA")
     g.add_argument('--knn-every', type=int, default=0, help='epochs between kNN evaluations on the test split (0: off)')
     g.add_argument('--log-every', type=int, default=10, help='steps between rows of log.csv')
@@ -213,7 +215,8 @@ def build_loader(args: dict, recipe: str, rank: int = 0, world_size: int = 1, de
     return create_loader(args['data'], 'train', recipe=recipe, size=args['img_size'], batch_size=args['batch_size'],
                          device=device, seed=args['seed'], rank=rank, world_size=world_size, epoch_size=args['epoch_size'],
                          num_workers=args['num_workers'], root=args['data_root'], download=args['download'], archive=args['archive'],
-                         fused_augment=switch(args.get('fused_augment', 'auto')))
+                         fused_augment=switch(args.get('fused_augment', 'auto')),
+                         color_on_device=switch(args.get('color_on_device', 'auto')))
 
 # %% ../nbs/41_cli.ipynb #928c6587
 RESUME_SAME_ARGS = ('data', 'img_size')   # besides the trainer's checks (RESUME_FIXED): a resumed run must read the same images

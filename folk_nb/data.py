@@ -29,7 +29,8 @@ __all__ = ['READ_ERRORS', 'CIFAR10_CLASSES', 'CIFAR10_ARCHIVE', 'DATASETS', 'DAT
            'download_cifar10', 'create_dataset', 'load_folder_tensors', 'dataset_tensors', 'channel_stats', 'ViewSpec',
            'view_specs', 'RandomResizedCropFlip', 'ViewTransform', 'MultiViewTransform', 'make_transform',
            'ViewsDataset', 'sample_crop_boxes', 'resized_crop', 'map_between_views', 'color_jitter', 'gaussian_blur',
-           'augment_batch', 'GPUDataLoader', 'SeededSampler', 'EpochDataLoader', 'create_loader']
+           'color_augment', 'augment_batch', 'GPUDataLoader', 'SeededSampler', 'EpochDataLoader', 'DeviceColorLoader',
+           'create_loader']
 
 # %% ../nbs/20_data.ipynb #84492e4f
 class CorruptImageWarning(UserWarning):
@@ -268,6 +269,9 @@ def _cifar10_source(root=None, archive=None, download: bool = False) -> tuple:
 # %% ../nbs/20_data.ipynb #73741f19
 DATASETS = ('samples', 'cifar10')
 
+def _as_read(img): return img   # with a recipe: views are cropped from the decoded picture, not from a float copy
+def _as_uint8(x: Tensor) -> Tensor: return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+
 def _split_folder(path: Path, split: str) -> Path:
     return path / split if (path / split).is_dir() else path
 
@@ -282,6 +286,7 @@ def create_dataset(
     archive=None,            # 'cifar10': path of cifar10-jpg.tar.gz to extract
     verify: bool = False,    # image folders: check every file's header while scanning
     repeats: int = 1,        # 'samples': times each picture appears per epoch
+    with_color: bool = True, # with `recipe`: False gives crops and flips only, uint8 views (`DeviceColorLoader`)
 ):
     "A dataset by name ('samples', 'cifar10') or folder path; with `recipe`, one that yields augmented views."
     if recipe is not None and transform is not None: raise ValueError("give either transform= or recipe=, not both")
@@ -301,7 +306,9 @@ def create_dataset(
                          f"folder (no folder {name!r} exists)")
     if recipe is None: return ds
     if isinstance(ds, ImageFolderDataset): _check_upscale(ds.samples, size or native, ds.root)
-    return ViewsDataset(ds, make_transform(recipe, size or native))
+    if isinstance(ds, (ImageFolderDataset, torchvision.datasets.CIFAR10)): ds.transform = _as_read  # crop the decoded uint8 picture
+    elif not with_color: ds.transform = _as_uint8                  # the samples as a decoded file would be: uint8 crops
+    return ViewsDataset(ds, make_transform(recipe, size or native, with_color))
 
 # %% ../nbs/20_data.ipynb #d5e74187
 def _decode(path: str, size: int | None) -> tuple:  # (H x W x 3 uint8 array, side of the source image's shorter edge)
@@ -491,14 +498,20 @@ class RandomResizedCropFlip:
                  ratio: tuple = (3 / 4, 4 / 3),# crop aspect ratio (width / height) range
                  flip_p: float = 0.5,          # probability of a horizontal flip
                  interpolation: str = 'bilinear', # 'bilinear' or 'bicubic'
+                 keep_uint8: bool = False,     # a PIL / uint8 image gives a uint8 view (colour drawn later, on a device)
                 ):
         ViewSpec(size, scale, ratio, flip_p, interpolation=interpolation)  # validates the arguments
+        if not isinstance(keep_uint8, bool): raise TypeError(f"keep_uint8 must be True or False, got {keep_uint8!r}")
         self.size, self.scale, self.ratio, self.flip_p, self.mode = size, list(scale), list(ratio), flip_p, _MODES[interpolation]
+        self.keep_uint8 = keep_uint8
 
-    def __call__(self, img) -> tuple:  # (view (3, size, size) float in [0, 1], box (4,) float32, flipped bool tensor)
+    def __call__(self, img) -> tuple:  # (view (3, size, size) float in [0, 1] (or uint8), box (4,) float32, flipped bool tensor)
         W, H = img.size if isinstance(img, Image.Image) else (img.shape[-1], img.shape[-2])
         top, left, h, w = RandomResizedCrop.get_params(img, self.scale, self.ratio)
-        x = to_float_image(TF.resized_crop(img, top, left, h, w, [self.size, self.size], self.mode, antialias=True)).clamp(0, 1)
+        if isinstance(img, Image.Image) and img.mode != 'RGB': img = img.convert('RGB')
+        x = TF.resized_crop(img, top, left, h, w, [self.size, self.size], self.mode, antialias=True)
+        if isinstance(x, Image.Image): x = TF.pil_to_tensor(x)
+        if not (self.keep_uint8 and x.dtype == torch.uint8): x = to_float_image(x).clamp(0, 1)
         flipped = torch.rand(()) < self.flip_p
         if flipped: x = x.flip(-1)
         return x, torch.tensor([left / W, top / H, (left + w) / W, (top + h) / H], dtype=torch.float32), flipped
@@ -507,11 +520,16 @@ class RandomResizedCropFlip:
 class ViewTransform:
     "One view of a `ViewSpec`, per image: crop + flip (with box), then torchvision's colour transforms."
     def __init__(self,
-                 spec: ViewSpec,  # the view's augmentation
+                 spec: ViewSpec,          # the view's augmentation
+                 with_color: bool = True, # False: crop + flip only, a uint8 view (`DeviceColorLoader` adds the colour)
                 ):
         if not isinstance(spec, ViewSpec): raise TypeError(f"spec must be a ViewSpec, got {type(spec).__name__}")
+        if not isinstance(with_color, bool): raise TypeError(f"with_color must be True or False, got {with_color!r}")
         self.spec = spec
-        self.crop = RandomResizedCropFlip(spec.size, spec.scale, spec.ratio, spec.flip_p, spec.interpolation)
+        self.crop = RandomResizedCropFlip(spec.size, spec.scale, spec.ratio, spec.flip_p, spec.interpolation,
+                                          keep_uint8=not with_color)
+        self.color = None
+        if not with_color: return
         ops = []
         if spec.jitter_p > 0: ops.append(v2.RandomApply([v2.ColorJitter(*spec.jitter)], p=spec.jitter_p))
         if spec.gray_p > 0: ops.append(v2.RandomGrayscale(p=spec.gray_p))
@@ -537,9 +555,10 @@ class MultiViewTransform:
     def __init__(self,
                  views='mae',             # recipe name, ViewSpec, or sequence of ViewSpecs
                  size: int | None = None, # view side when `views` is a recipe name (default 224)
+                 with_color: bool = True, # False: crops and flips only, uint8 views (colour drawn later, on a device)
                 ):
         self.specs = _as_specs(views, size)
-        self.transforms = [ViewTransform(s) for s in self.specs]
+        self.transforms = [ViewTransform(s, with_color) for s in self.specs]
 
     def __call__(self, img) -> dict:
         if isinstance(img, Tensor) and img.dtype != torch.uint8: img = img.clamp(0, 1)
@@ -550,9 +569,10 @@ class MultiViewTransform:
 def make_transform(
     recipe='mae',             # recipe name, ViewSpec, or sequence of ViewSpecs
     size: int | None = None,  # view side (default 224)
+    with_color: bool = True,  # False: crops and flips only, uint8 views (`DeviceColorLoader` adds the colour)
 ) -> MultiViewTransform:
     "The per-image transform of an augmentation recipe."
-    return MultiViewTransform(recipe, size)
+    return MultiViewTransform(recipe, size, with_color)
 
 # %% ../nbs/20_data.ipynb #5a41f488
 class ViewsDataset(torch.utils.data.Dataset):
@@ -800,6 +820,37 @@ def _jitter_bounds(jitter: tuple, device: torch.device) -> tuple:
     span = [float(np.float32(h) - np.float32(l)) for h, l in zip(hi, lo)]   # float32 arithmetic, as on the device
     return device_constant(lo, device), device_constant(span, device)
 
+def color_augment(
+    v: Tensor,         # views (B, 3, S, S): uint8, or float in [0, 1] (cropped and flipped)
+    spec: ViewSpec,    # the view's augmentation (its colour part: jitter, grayscale, blur, solarize)
+    generator=None,    # torch.Generator on v's device (None: the global RNG)
+    fused: bool = False, # compile colour jitter + grayscale into a few kernels (see above)
+    subset: bool | None = None, # compute each random operation only on its images (host syncs); default: on the CPU only
+) -> Tensor:           # views (B, 3, S, S) float32 in [0, 1]
+    "Draw the colour augmentations of `spec` for every view of a batch, on the batch's device."
+    if not isinstance(spec, ViewSpec): raise TypeError(f"spec must be a ViewSpec, got {type(spec).__name__}")
+    if isinstance(v, Tensor) and v.dtype == torch.uint8: v = v.float() / 255
+    check_images(v, 'v', channels=(3,))
+    B, dev = v.shape[0], v.device
+    if subset not in (None, True, False): raise TypeError(f"subset must be True, False or None (the device decides), got {subset!r}")
+    if subset is None: subset = dev.type == 'cpu'
+    rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)
+    given, v, factors, order, gray = v, v.float(), None, None, None
+    if spec.jitter_p > 0:
+        on = rand(B) < spec.jitter_p
+        lo, span = _jitter_bounds(tuple(spec.jitter), dev)
+        factors = lo + span * rand(B, 4)
+        order = torch.where(on[:, None], rand(B, 4).argsort(1), -1)  # -1: no jitter for this image
+    if spec.gray_p > 0: gray = rand(B) < spec.gray_p
+    if fused and (factors is not None or gray is not None): v = _fused_jitter_gray(v, factors, order, gray)
+    else: v = _jitter_gray(v, factors, order, gray, subset)   # (nothing to fuse: no compiled identity)
+    if spec.blur_p > 0:
+        on = rand(B) < spec.blur_p
+        sigma = spec.blur_sigma[0] + (spec.blur_sigma[1] - spec.blur_sigma[0]) * rand(B)
+        v = _apply(v, on, lambda y, i: gaussian_blur(y, sigma[i], spec.blur_kernel), subset)
+    if spec.solarize_p > 0: v = torch.where(_col(rand(B) < spec.solarize_p) & (v >= 0.5), 1 - v, v)
+    return v.clamp(0, 1) if v is given else v.clamp_(0, 1)  # blur and bicubic step outside [0, 1] by rounding
+
 def augment_batch(
     x: Tensor,         # images (B, 3, H, W): uint8, or float in [0, 1]
     spec: ViewSpec,    # the view's augmentation
@@ -820,21 +871,7 @@ def augment_batch(
     boxes = sample_crop_boxes(B, H, W, spec.scale, spec.ratio, generator, dev)
     flipped = rand(B) < spec.flip_p
     v = resized_crop(x.float(), boxes, spec.size, flipped, spec.interpolation)
-    factors = order = gray = None
-    if spec.jitter_p > 0:
-        on = rand(B) < spec.jitter_p
-        lo, span = _jitter_bounds(tuple(spec.jitter), dev)
-        factors = lo + span * rand(B, 4)
-        order = torch.where(on[:, None], rand(B, 4).argsort(1), -1)  # -1: no jitter for this image
-    if spec.gray_p > 0: gray = rand(B) < spec.gray_p
-    if fused and (factors is not None or gray is not None): v = _fused_jitter_gray(v, factors, order, gray)
-    else: v = _jitter_gray(v, factors, order, gray, subset)   # (nothing to fuse: no compiled identity)
-    if spec.blur_p > 0:
-        on = rand(B) < spec.blur_p
-        sigma = spec.blur_sigma[0] + (spec.blur_sigma[1] - spec.blur_sigma[0]) * rand(B)
-        v = _apply(v, on, lambda y, i: gaussian_blur(y, sigma[i], spec.blur_kernel), subset)
-    if spec.solarize_p > 0: v = torch.where(_col(rand(B) < spec.solarize_p) & (v >= 0.5), 1 - v, v)
-    return v.clamp_(0, 1), boxes, flipped  # blur and bicubic can step outside [0, 1] by rounding
+    return color_augment(v, spec, generator, fused, subset), boxes, flipped
 
 # %% ../nbs/20_data.ipynb #0ac08292
 def _mix(*ints) -> int:
@@ -967,6 +1004,53 @@ class EpochDataLoader(torch.utils.data.DataLoader):
         self.epoch += 1
         return super().__iter__()
 
+# %% ../nbs/20_data.ipynb #adda2c77
+class DeviceColorLoader:
+    "Wraps a loader of uint8 crops (workers: decode, crop, flip): each batch goes to `device` and gets its colour there."
+    def __init__(self,
+                 loader,                     # yields batch dicts with uint8 views; has len() and set_epoch (EpochDataLoader)
+                 views,                      # the recipe the crops were made for: name, ViewSpec or ViewSpecs
+                 device=None,                # where the colour is drawn and the batches go (default: cuda if available)
+                 seed: int = 0,              # seeds the colour draws (with epoch, rank and batch number)
+                 rank: int = 0,              # this process's rank
+                 size: int | None = None,    # view side when `views` is a recipe name
+                 fused_augment: bool | None = None,  # compile jitter + grayscale (None: on CUDA)
+                ):
+        self.loader, self.specs = loader, _as_specs(views, size)
+        self.device = torch.device(device if device is not None else ('cuda' if torch.cuda.is_available() else 'cpu'))
+        for name, v in (('seed', seed), ('rank', rank)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0: raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if fused_augment not in (None, True, False): raise TypeError(f"fused_augment must be True, False or None, got {fused_augment!r}")
+        self.seed, self.rank = seed, rank
+        self.fused_augment = self.device.type == 'cuda' if fused_augment is None else fused_augment
+
+    def __len__(self) -> int: return len(self.loader)
+    def set_epoch(self, epoch: int) -> None: self.loader.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int: return self.loader.epoch         # the epoch the next iter() draws
+    @property
+    def batch_size(self) -> int: return self.loader.batch_size
+    @property
+    def dataset(self): return self.loader.dataset
+
+    def __iter__(self):
+        epoch, dev = self.loader.epoch, self.device
+        groups = _spec_groups(self.specs)
+        for b, batch in enumerate(self.loader):
+            views = batch['views']
+            if len(views) != len(self.specs):
+                raise ValueError(f"the loader yields {len(views)} view(s) per image; the recipe has {len(self.specs)}")
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(_mix(self.seed, epoch, self.rank, b, 2))
+            views, out, j = [v.to(dev, non_blocking=True) for v in views], [], 0
+            for s, k in groups:                     # k equal views: one call on their concatenation
+                v = color_augment(torch.cat(views[j:j + k]) if k > 1 else views[j], s, gen, self.fused_augment)
+                out += list(v.chunk(k)); j += k
+            move = lambda t: t.to(dev, non_blocking=True) if isinstance(t, Tensor) else t
+            yield dict(batch, views=out, **{k: [move(t) for t in batch[k]] for k in ('boxes', 'flipped') if k in batch},
+                       **{k: move(batch[k]) for k in ('target', 'index') if k in batch})
+
 # %% ../nbs/20_data.ipynb #6c93cc13
 def create_loader(
     name_or_path='samples',    # 'samples', 'cifar10', or an image folder
@@ -987,7 +1071,8 @@ def create_loader(
     root=None,                 # data folder for 'cifar10'
     download: bool = False,    # 'cifar10': download with torchvision if no local copy exists
     archive=None,              # 'cifar10': path of cifar10-jpg.tar.gz
-    fused_augment: bool | None = None, # resident loader: compile the colour ops (None: on CUDA)
+    fused_augment: bool | None = None, # compile the colour ops on the device (None: on CUDA)
+    color_on_device: bool | None = None, # worker loader: workers crop (uint8), colour on `device` (None: on CUDA)
 ):
     "A training loader yielding the batch dicts: device-resident for small datasets, DataLoader workers otherwise."
     name = str(name_or_path)
@@ -1000,9 +1085,14 @@ def create_loader(
                                           views=recipe, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
                                           epoch_size=epoch_size, rank=rank, world_size=world_size, device=device, size=size,
                                           fused_augment=fused_augment)
-    ds = create_dataset(name_or_path, split, root, recipe=recipe, size=size, download=download, archive=archive)
+    if color_on_device not in (None, True, False): raise TypeError(f"color_on_device must be True, False or None, got {color_on_device!r}")
+    if color_on_device is None: color_on_device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu')).type == 'cuda'
+    ds = create_dataset(name_or_path, split, root, recipe=recipe, size=size, download=download, archive=archive,
+                        with_color=not color_on_device)
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     sampler = SeededSampler(sampler, seed)  # per-item augmentation seeds: exact resume, any num_workers
-    return EpochDataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-                           pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                           generator=torch.Generator().manual_seed(seed))
+    loader = EpochDataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                             pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                             generator=torch.Generator().manual_seed(seed))
+    if not color_on_device: return loader
+    return DeviceColorLoader(loader, ds.transform.specs, device, seed, rank, fused_augment=fused_augment)

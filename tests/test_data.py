@@ -558,6 +558,22 @@ def test_gpu_loader_epochs_start_and_run_without_a_stream_sync():
     assert len(got) == len(ref) and all(torch.equal(g.cpu(), r) for g, r in zip(got, ref))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_device_color_loader_draws_the_colour_without_a_stream_sync(tmp_path):
+    """Image folders with `color_on_device`: the workers' uint8 crops go to the GPU from pinned memory and get their
+    colour there, batch after batch, without a synchronising call (CUDA's sync debug mode makes one an error)."""
+    write_folder(tmp_path / 'imgs', classes=('a', 'b'), n=8, size=(20, 24))
+    dl = create_loader(tmp_path / 'imgs', recipe='moco', size=16, batch_size=4, resident=False, num_workers=0,
+                       device='cuda', color_on_device=True, fused_augment=False)
+    assert isinstance(dl, D.DeviceColorLoader)
+    ref = [b['views'][0].cpu() for b in dl]                # epoch 0: one-time caches (jitter ranges) made here
+    dl.set_epoch(0)
+    torch.cuda.set_sync_debug_mode('error')
+    try: got = [b['views'][0] for b in dl]
+    finally: torch.cuda.set_sync_debug_mode('default')
+    assert len(got) == len(ref) == 4 and all(g.is_cuda and torch.equal(g.cpu(), r) for g, r in zip(got, ref))
+
+
 @pytest.mark.parametrize('drop_last', [True, False])
 def test_gpu_loader_shards_partition_the_epoch(drop_last):
     imgs, ws = _images(), 3
@@ -588,9 +604,12 @@ def test_gpu_loader_epoch_size_repeats_small_datasets():
     assert len(dl) == 7 and sorted(Counter(idx.tolist()).values()) == [5] * 7
 
 
-def test_cpu_and_device_loaders_yield_the_same_format():
+@pytest.mark.parametrize('color_on_device', [False, True])
+def test_cpu_and_device_loaders_yield_the_same_format(color_on_device):
     gpu = create_loader('samples', recipe='folk', size=32, batch_size=5, device='cpu', seed=0)
-    cpu = create_loader('samples', recipe='folk', size=32, batch_size=5, resident=False, num_workers=0, seed=0)
+    cpu = create_loader('samples', recipe='folk', size=32, batch_size=5, resident=False, num_workers=0, seed=0,
+                        device='cpu', color_on_device=color_on_device)
+    assert isinstance(cpu, D.DeviceColorLoader) == color_on_device
     bg, bc = next(iter(gpu)), next(iter(cpu))
     assert sorted(bg) == sorted(bc) == ['boxes', 'flipped', 'index', 'target', 'views']
     for k in ('views', 'boxes', 'flipped'):
@@ -602,14 +621,15 @@ def test_cpu_and_device_loaders_yield_the_same_format():
 
 # ---------------------------------------------------------------- exact resume on an image folder (CPU loader)
 
-def _folder_run(folder, out, stop_at=None, resume=False, num_workers=0):
+def _folder_run(folder, out, stop_at=None, resume=False, num_workers=0, color_on_device=False):
     import sys
     sys.path.insert(0, str(Path(__file__).parent / 'scripts'))
     from toy import NoisyToy
     from folk_nb.trainer import Trainer, TrainConfig
     torch.manual_seed(0)
     model = NoisyToy()
-    loader = create_loader(folder, recipe='moco', size=8, batch_size=4, resident=False, num_workers=num_workers, seed=5)
+    loader = create_loader(folder, recipe='moco', size=8, batch_size=4, resident=False, num_workers=num_workers, seed=5,
+                           device='cpu', color_on_device=color_on_device)
     t = Trainer(model, loader, TrainConfig(epochs=3, lr=5e-3, warmup_steps=1, out_dir=str(out), progress=False,
                                           log_every=1, deterministic=True))
     if resume:
@@ -618,23 +638,26 @@ def _folder_run(folder, out, stop_at=None, resume=False, num_workers=0):
     return model, t.fit(stop_at=stop_at)
 
 
+@pytest.mark.parametrize('color_on_device', [False, True])   # colour in the workers, or drawn per batch on the device
 @pytest.mark.parametrize('stop_at', [3, 6])  # mid-epoch 0, and mid-epoch 1 (3 batches per epoch)
-def test_image_folder_resume_is_bit_identical(tmp_path, stop_at):
+def test_image_folder_resume_is_bit_identical(tmp_path, stop_at, color_on_device):
     write_folder(tmp_path / 'imgs', classes=('a', 'b'), n=6, size=(10, 10))
-    straight, s = _folder_run(tmp_path / 'imgs', tmp_path / 'a')
-    _, p = _folder_run(tmp_path / 'imgs', tmp_path / 'b', stop_at=stop_at)
+    straight, s = _folder_run(tmp_path / 'imgs', tmp_path / 'a', color_on_device=color_on_device)
+    _, p = _folder_run(tmp_path / 'imgs', tmp_path / 'b', stop_at=stop_at, color_on_device=color_on_device)
     assert p['status'] == 'paused' and p['steps'] == stop_at
-    resumed, r = _folder_run(tmp_path / 'imgs', tmp_path / 'b', resume=True)
+    resumed, r = _folder_run(tmp_path / 'imgs', tmp_path / 'b', resume=True, color_on_device=color_on_device)
     assert s['steps'] == r['steps'] == 9
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
 
 
-def test_image_folder_views_do_not_depend_on_workers_or_global_rng(tmp_path):
+@pytest.mark.parametrize('color_on_device', [False, True])
+def test_image_folder_views_do_not_depend_on_workers_or_global_rng(tmp_path, color_on_device):
     write_folder(tmp_path / 'imgs', classes=('a', 'b'), n=4, size=(10, 10))
     def batches(nw, seed):
         torch.manual_seed(seed)
-        dl = create_loader(tmp_path / 'imgs', recipe='moco', size=8, batch_size=4, resident=False, num_workers=nw, seed=1)
+        dl = create_loader(tmp_path / 'imgs', recipe='moco', size=8, batch_size=4, resident=False, num_workers=nw, seed=1,
+                           device='cpu', color_on_device=color_on_device)
         dl.set_epoch(1)
         return [b['views'][1] for b in dl]
     a = batches(0, 0)

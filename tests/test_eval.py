@@ -765,6 +765,20 @@ def test_loader_bench_times_eager_and_fused_views(capsys):
     assert eager > 0 and fused > 0 and '2 views' in line and 'compilation failed' not in line
 
 
+def test_folder_loader_bench_compares_colour_in_workers_and_on_the_device(capsys, tmp_path):
+    fl = load_bench_script('folder_loader')
+    from PIL import Image
+    fl.write_photos(tmp_path / 'p', 3)
+    files = sorted((tmp_path / 'p' / 'all').glob('*.jpg'))
+    assert len(files) == 3 and Image.open(files[0]).size == fl.PHOTO
+    assert fl.main(['--device', 'cpu', '--recipes', 'moco', '--size', '32', '--batch', '4', '--images', '8',
+                    '--workers', '0', '--no-save']) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith('moco'))
+    worker, crop = (float(v) for v in re.findall(r'(?:worker|crop only)\s+([\d.]+) ms', line))
+    before, after = (float(v) for v in re.search(r'workers:\s+([\d.]+) ->\s+([\d.]+) img/s', line).groups())
+    assert worker > crop > 0 and before > 0 and after > 0
+
+
 def test_split_bn_bench_baseline_computes_the_same_layer(capsys):
     "bench/split_bn.py's eager baseline (contiguous splits) = SplitBatchNorm2d (interleaved splits) up to the order."
     from folk_nb.moco import SplitBatchNorm2d
