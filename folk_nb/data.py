@@ -851,6 +851,7 @@ def color_augment(
     if spec.solarize_p > 0: v = torch.where(_col(rand(B) < spec.solarize_p) & (v >= 0.5), 1 - v, v)
     return v.clamp(0, 1) if v is given else v.clamp_(0, 1)  # blur and bicubic step outside [0, 1] by rounding
 
+# %% ../nbs/20_data.ipynb #e03e5cd9
 def augment_batch(
     x: Tensor,         # images (B, 3, H, W): uint8, or float in [0, 1]
     spec: ViewSpec,    # the view's augmentation
@@ -866,10 +867,8 @@ def augment_batch(
     B, _, H, W = x.shape
     dev = x.device
     if subset not in (None, True, False): raise TypeError(f"subset must be True, False or None (the device decides), got {subset!r}")
-    if subset is None: subset = dev.type == 'cpu'
-    rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev)
     boxes = sample_crop_boxes(B, H, W, spec.scale, spec.ratio, generator, dev)
-    flipped = rand(B) < spec.flip_p
+    flipped = torch.rand(B, generator=generator, device=dev) < spec.flip_p
     v = resized_crop(x.float(), boxes, spec.size, flipped, spec.interpolation)
     return color_augment(v, spec, generator, fused, subset), boxes, flipped
 
