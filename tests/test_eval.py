@@ -866,3 +866,16 @@ def test_bench_times_famt_in_its_steady_state():
     assert method.pending                                   # without famt_bank: still in the refresh window
     bench.famt_bank(method, False, [])
     assert not method.pending
+
+
+def test_gpu_session_scripts_parse_and_pack_their_output():
+    "The next GPU session's call scripts (bench/gpu_session): valid bash, each sources common.sh and packs into $OUT."
+    import subprocess
+    scripts = sorted((REPO / 'bench' / 'gpu_session').glob('call*.sh'))
+    assert len(scripts) >= 3
+    for f in [REPO / 'bench' / 'gpu_session' / 'common.sh', *scripts]:
+        r = subprocess.run(['bash', '-n', str(f)], capture_output=True, text=True)
+        assert r.returncode == 0, (f.name, r.stderr)
+    for f in scripts:
+        text = f.read_text()
+        assert 'source "$(dirname "$0")/common.sh"' in text and '\npack ' in text, f.name
