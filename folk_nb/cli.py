@@ -282,10 +282,14 @@ def run_pretrain(args: dict) -> dict:
     method = _build_method_clearly(a, n_images)
     knn = None
     if a['knn_every']:
-        from folk_nb.data import dataset_tensors
+        from folk_nb.data import DATASETS, dataset_tensors
+        from folk_nb.eval import evaluation_data
         size = a['img_size']
-        knn = tuple(dataset_tensors(a['data'], split, a['data_root'], size=size if a['data'] != 'cifar10' else None,
-                                    archive=a['archive']) for split in ('train', 'test'))
+        if str(a['data']) in DATASETS:
+            knn = tuple(dataset_tensors(a['data'], split, a['data_root'], size=size if a['data'] != 'cifar10' else None,
+                                        archive=a['archive']) for split in ('train', 'test'))
+        else:   # a folder: in memory, or streamed by workers when it is too large for that
+            knn = tuple(evaluation_data(a['data'], split, size, num_workers=a['num_workers']) for split in ('train', 'test'))
         if info.is_main and _knn_on_training_images(a['data']):
             print(f"note: {a['data']!r} has no test split: the kNN monitor classifies the training images themselves, "
                   "so its accuracy is not a test accuracy")

@@ -18,11 +18,12 @@ from .data import gaussian_blur
 
 # %% auto #0
 __all__ = ['POOLS', 'AMP_MODES', 'CORRUPTIONS', 'SEVERITIES', 'NOISE_STD', 'BLUR_SIGMA_224', 'BLUR_SIGMA_MIN', 'JPEG_QUALITY',
-           'CONTRAST', 'RESULT_FORMAT', 'RESULT_FIELDS', 'PROTOCOLS', 'FeaturePool', 'feature_fn', 'extract_features',
-           'knn_predict', 'knn_accuracy', 'LinearClassifier', 'few_shot_indices', 'train_linear', 'evaluate_linear',
-           'linear_probe', 'FineTuneClassifier', 'fine_tune', 'jpeg_quant_table', 'jpeg_compress', 'corrupt',
-           'robustness_probe', 'load_method', 'git_commit', 'describe_device', 'check_record', 'write_result',
-           'read_results', 'evaluate', 'main']
+           'CONTRAST', 'RESULT_FORMAT', 'RESULT_FIELDS', 'PROTOCOLS', 'STREAM_MODES', 'FeaturePool', 'feature_fn',
+           'extract_features', 'subset_indices', 'FolderBatches', 'knn_predict', 'knn_accuracy', 'LinearClassifier',
+           'few_shot_indices', 'train_linear', 'evaluate_linear', 'linear_probe', 'FineTuneClassifier', 'fine_tune',
+           'jpeg_quant_table', 'jpeg_compress', 'corrupt', 'robustness_probe', 'load_method', 'git_commit',
+           'describe_device', 'check_record', 'write_result', 'read_results', 'stream_threshold_bytes',
+           'evaluation_data', 'evaluate', 'main']
 
 # %% ../nbs/42_eval.ipynb #be31125f
 POOLS = ('default', 'cls', 'mean', 'cls+mean')
@@ -142,6 +143,63 @@ def extract_features(
             feats.append(f.float()); labels.append(y)
     if not feats: raise ValueError("data yielded no images")
     return torch.cat(feats).cpu(), torch.cat(labels).cpu()
+
+# %% ../nbs/42_eval.ipynb #86b41f2f
+from .data import _decode, _scan_folder, READ_ERRORS, CorruptImageWarning
+
+class _DecodedFiles(torch.utils.data.Dataset):
+    "(uint8 image (3, size, size), label) of each file, decoded as `dataset_tensors` does; None for a corrupt file."
+    def __init__(self, samples, size): self.samples, self.size = samples, size
+    def __len__(self) -> int: return len(self.samples)
+    def __getitem__(self, i):
+        path, target = self.samples[i]
+        try: a, _ = _decode(path, self.size)
+        except READ_ERRORS: return None
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))), target   # (3, H, W), a writable copy
+
+def _stack_decoded(items) -> tuple:
+    "Collate: (images, labels, number of corrupt files left out)."
+    kept = [it for it in items if it is not None]
+    if not kept: return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), len(items)
+    return torch.stack([x for x, _ in kept]), torch.tensor([y for _, y in kept]), len(items) - len(kept)
+
+def subset_indices(n: int, k: int | None, seed: int) -> Tensor | None:
+    "The sorted random subset of `k` of `n` items that `folk_nb_eval --max-train / --max-test` evaluates (None: all)."
+    if k is None or k >= n: return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+class FolderBatches:
+    "An image folder as (uint8 images (B, 3, size, size), labels) batches, decoded by worker processes, in file order."
+    def __init__(self,
+                 root,                      # folder laid out as root/<class>/<image>
+                 size: int,                 # square side every image is resized to (as `dataset_tensors(size=)`)
+                 batch_size: int = 256,     # images per batch
+                 num_workers: int = 4,      # decoding processes
+                 max_images: int | None = None,  # a random subset of this many files (None: all)
+                 seed: int = 0,             # seeds that subset
+                ):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1: raise ValueError(f"size must be a positive integer, got {size!r}")
+        for name, v, lo in (('batch_size', batch_size, 1), ('num_workers', num_workers, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        self.root = Path(root).expanduser()
+        self.classes, _, samples = _scan_folder(self.root)   # clear errors for a missing or empty folder
+        idx = subset_indices(len(samples), max_images, seed)
+        self.samples = samples if idx is None else [samples[i] for i in idx.tolist()]
+        self.targets = [t for _, t in self.samples]
+        self.size, self.batch_size, self.num_workers, self.corrupt = size, batch_size, num_workers, 0
+
+    def __len__(self) -> int: return -(-len(self.samples) // self.batch_size)
+
+    def __iter__(self):
+        dl = torch.utils.data.DataLoader(_DecodedFiles(self.samples, self.size), batch_size=self.batch_size,
+                                         num_workers=self.num_workers, collate_fn=_stack_decoded,
+                                         pin_memory=torch.cuda.is_available())
+        self.corrupt = 0
+        for x, y, bad in dl:
+            self.corrupt += bad
+            if len(x): yield x, y
+        if self.corrupt:
+            warnings.warn(f"skipped {self.corrupt} corrupt or unreadable image(s) under '{self.root}'", CorruptImageWarning)
 
 # %% ../nbs/42_eval.ipynb #fa8e3343
 def _check_features(f, y, name: str) -> None:
@@ -710,9 +768,43 @@ def _method_config(method: str, config) -> dict:
     return {**config, 'model': DEFAULT_MODEL[method]} if method in DEFAULT_MODEL else config
 
 def _subset(data: dict, n: int | None, seed: int = 0) -> dict:
-    if n is None or n >= len(data['images']): return data
-    idx = torch.randperm(len(data['images']), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    idx = subset_indices(len(data['images']), n, seed)
+    if idx is None: return data
     return {**data, 'images': data['images'][idx], 'targets': torch.as_tensor(data['targets'])[idx]}
+
+STREAM_MODES = ('auto', 'on', 'off')
+
+def stream_threshold_bytes() -> int:
+    "Decoded folders larger than this are streamed by `evaluation_data(stream='auto')`: 16 GB, or a quarter of the RAM."
+    try: ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError): ram = 64 * 2 ** 30
+    return min(16 * 2 ** 30, ram // 4)
+
+def evaluation_data(
+    data,                          # 'samples', 'cifar10', or an image folder (root/<split>/<class>/<image> or root/<class>/<image>)
+    split: str,                    # 'train' or 'test'
+    size: int | None,              # square side of the images (None: CIFAR-10's own 32 px)
+    root=None,                     # data folder for 'cifar10'
+    stream: str = 'auto',          # folders: 'on' streams them (`FolderBatches`), 'off' decodes them into memory,
+                                   # 'auto' streams those whose decoded images exceed `stream_threshold_bytes()`
+    batch_size: int = 512,         # streamed batches
+    num_workers: int = 4,          # streaming decoders
+    max_images: int | None = None, # a random subset of this many images (None: all)
+    seed: int = 0,                 # seeds that subset
+):                                 # a dataset dict (in memory) or a `FolderBatches` (streamed)
+    "The images an evaluation reads: in memory as one uint8 tensor, or streamed from a folder too large for that."
+    from folk_nb.data import DATASETS, dataset_tensors, _split_folder
+    if stream not in STREAM_MODES: raise ValueError(f"stream must be one of {', '.join(map(repr, STREAM_MODES))}, got {stream!r}")
+    folder = str(data) not in DATASETS
+    if stream == 'on' and not folder:
+        raise ValueError(f"stream='on' (--stream on) reads image folders; {str(data)!r} is held in memory")
+    if folder and stream != 'off':
+        path = _split_folder(Path(data).expanduser(), split)
+        if size is None: raise ValueError("size: streaming a folder needs the square side to resize its images to")
+        n = len(_scan_folder(path)[2])
+        if stream == 'on' or min(n, max_images or n) * 3 * size * size > stream_threshold_bytes():
+            return FolderBatches(path, size, batch_size, num_workers, max_images, seed)
+    return _subset(dataset_tensors(data, split, root, size), max_images, seed)
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='folk_nb_eval', description="Evaluate a folk_nb checkpoint (kNN, linear, few-shot, "
@@ -744,6 +836,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--severities', type=int, nargs='+', default=list(SEVERITIES))
     p.add_argument('--max-train', type=int, default=None, help='evaluate on a random subset of the training split')
     p.add_argument('--max-test', type=int, default=None, help='evaluate on a random subset of the test split')
+    p.add_argument('--stream', choices=STREAM_MODES, default='auto', help='image folders: decode batches in worker '
+                   'processes instead of holding the whole folder in memory (auto: when it would take more than '
+                   '16 GB or a quarter of the RAM); kNN, linear and few-shot protocols')
+    p.add_argument('--num-workers', type=int, default=4, help='decoding processes when streaming a folder')
     p.add_argument('--no-write', action='store_true', help='print only; write no record')
     return p
 
@@ -774,8 +870,14 @@ def evaluate(
     cfg = method.config
     size = args.image_size or method.backbone.img_size[0]
     load_size = None if (args.data == 'cifar10' and size == 32) else size
-    train = _subset(dataset_tensors(args.data, args.split_train, args.root, load_size), args.max_train, 1)
-    test = _subset(dataset_tensors(args.data, args.split_test, args.root, load_size), args.max_test, 2)
+    train, test = (evaluation_data(args.data, split, load_size, args.root, args.stream, args.batch_size, args.num_workers,
+                                   n, seed) for split, n, seed in ((args.split_train, args.max_train, 1),
+                                                                   (args.split_test, args.max_test, 2)))
+    if args.protocol == 'robustness' and (isinstance(train, FolderBatches) or isinstance(test, FolderBatches)):
+        raise ValueError("--protocol robustness corrupts the images in memory, and this folder is streamed (--stream "
+                         f"{args.stream}): evaluate a subset (--max-train / --max-test) or pass --stream off")
+    if isinstance(train, FolderBatches): print(f"folk_nb_eval: streaming {len(train.samples):,} training images from "
+                                               f"'{train.root}' ({args.num_workers} decoding workers)", file=sys.stderr)
     same = _test_is_train(str(args.data), args.split_train, args.split_test)
     if same: print(f"folk_nb_eval: warning: the test images are the training images ({same}); "
                    "the accuracy below is not a held-out test accuracy", file=sys.stderr)

@@ -879,3 +879,47 @@ def test_gpu_session_scripts_parse_and_pack_their_output():
     for f in scripts:
         text = f.read_text()
         assert 'source "$(dirname "$0")/common.sh"' in text and '\npack ' in text, f.name
+
+
+def _photo_folder(root, n=10, size=(40, 30)):
+    "root/<train|test>/<class>/<i>.jpg from the sample pictures, of varied sizes."
+    from PIL import Image
+    from folk_nb.images import to_uint8_image
+    pics = sample_images(size=48)
+    for split in ('train', 'test'):
+        for i in range(n):
+            d = root / split / f'c{i % 2}'
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_uint8_image(pics[i % len(pics)])).resize((size[0] + i, size[1])).save(d / f'{i}.jpg')
+    return root
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_streamed_folder_features_equal_the_in_memory_ones(tmp_path, num_workers):
+    "FolderBatches decodes as dataset_tensors does: same images, same order, whatever the number of workers."
+    from folk_nb.eval import FolderBatches
+    root = _photo_folder(tmp_path / 'photos')
+    mem = dataset_tensors(root, 'train', size=24, cache=False)
+    batches = list(FolderBatches(root / 'train', 24, batch_size=3, num_workers=num_workers))
+    assert [len(x) for x, _ in batches] == [3, 3, 3, 1] and all(x.dtype == torch.uint8 for x, _ in batches)
+    assert torch.equal(torch.cat([x for x, _ in batches]), mem['images'])
+    assert torch.equal(torch.cat([y for _, y in batches]), mem['targets'])
+
+
+def test_the_trainer_knn_monitor_reads_a_streamed_folder(tmp_path):
+    "The kNN monitor takes FolderBatches like in-memory data, with the same accuracy."
+    from folk_nb.eval import FolderBatches
+    from folk_nb.data import create_loader
+    from folk_nb.trainer import Trainer, TrainConfig
+    root = _photo_folder(tmp_path / 'photos')
+    acc = {}
+    for kind in ('memory', 'stream'):
+        torch.manual_seed(0)
+        m = create_method('mae', model='vit_tiny_patch16_224', img_size=32, patch_size=8, model_kwargs={'depth': 1})
+        knn = tuple(dataset_tensors(root, s, size=32, cache=False) if kind == 'memory' else
+                    FolderBatches(root / s, 32, batch_size=4, num_workers=0) for s in ('train', 'test'))
+        loader = create_loader('samples', recipe='mae', size=32, batch_size=7, device='cpu', epoch_size=14)
+        t = Trainer(m, loader, TrainConfig(epochs=1, lr=1e-3, knn_every=1, progress=False, out_dir=str(tmp_path / kind)),
+                    knn_data=knn)
+        acc[kind] = t.fit()['knn_top1']
+    assert acc['memory'] == acc['stream'] and 0 <= acc['stream'] <= 1
