@@ -15,15 +15,16 @@ from torch import Tensor
 from .spectrum import check_images
 from .models import normalize_images
 from .data import gaussian_blur
+from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['POOLS', 'AMP_MODES', 'CORRUPTIONS', 'SEVERITIES', 'NOISE_STD', 'BLUR_SIGMA_224', 'BLUR_SIGMA_MIN', 'JPEG_QUALITY',
-           'CONTRAST', 'RESULT_FORMAT', 'RESULT_FIELDS', 'PROTOCOLS', 'STREAM_MODES', 'FeaturePool', 'feature_fn',
-           'extract_features', 'subset_indices', 'FolderBatches', 'knn_predict', 'knn_accuracy', 'LinearClassifier',
-           'few_shot_indices', 'train_linear', 'evaluate_linear', 'linear_probe', 'FineTuneClassifier', 'fine_tune',
-           'jpeg_quant_table', 'jpeg_compress', 'corrupt', 'robustness_probe', 'load_method', 'git_commit',
-           'describe_device', 'check_record', 'write_result', 'read_results', 'stream_threshold_bytes',
-           'evaluation_data', 'evaluate', 'main']
+__all__ = ['POOLS', 'AMP_MODES', 'PROGRESS_FROM', 'CORRUPTIONS', 'SEVERITIES', 'NOISE_STD', 'BLUR_SIGMA_224', 'BLUR_SIGMA_MIN',
+           'JPEG_QUALITY', 'CONTRAST', 'RESULT_FORMAT', 'RESULT_FIELDS', 'PROTOCOLS', 'STREAM_MODES', 'FeaturePool',
+           'feature_fn', 'extract_features', 'subset_indices', 'FolderBatches', 'knn_predict', 'knn_accuracy',
+           'LinearClassifier', 'few_shot_indices', 'train_linear', 'evaluate_linear', 'linear_probe',
+           'FineTuneClassifier', 'fine_tune', 'jpeg_quant_table', 'jpeg_compress', 'corrupt', 'robustness_probe',
+           'load_method', 'git_commit', 'describe_device', 'check_record', 'write_result', 'read_results',
+           'stream_threshold_bytes', 'evaluation_data', 'evaluate', 'main']
 
 # %% ../nbs/42_eval.ipynb #be31125f
 POOLS = ('default', 'cls', 'mean', 'cls+mean')
@@ -123,6 +124,15 @@ def _batches(data, batch_size: int, device: torch.device):
         yield x, y
 
 # %% ../nbs/42_eval.ipynb #13379cc4
+PROGRESS_FROM = 50   # batches: feature extraction of at least this many shows a progress bar
+
+def _num_batches(data, batch_size: int) -> int | None:
+    "How many batches `_batches` will yield, where that is known (a dict, or an iterable with a length)."
+    if isinstance(data, dict) and isinstance(data.get('images'), Tensor) and isinstance(batch_size, int) and batch_size > 0:
+        return -(-len(data['images']) // batch_size)
+    try: return len(data)
+    except TypeError: return None
+
 def extract_features(
     embed_fn,                   # callable x (B, 3, H, W) in [0, 1] -> (B, D): `method.embed`, a FeaturePool, ...
     data,                       # dict {'images': uint8 (N, 3, H, W), 'targets': (N,)} or an iterable of batch dicts / (x, y)
@@ -130,12 +140,16 @@ def extract_features(
     batch_size: int = 512,      # images per forward pass (dict data only; loaders have their own)
     amp: str = 'auto',          # 'auto' (bf16 on CUDA), 'bf16', 'off'
     transform=None,             # optional callable on each image batch (on device, in [0, 1]) before `embed_fn`
+    progress: bool | None = None, # a progress bar over the batches (None: for data of PROGRESS_FROM batches or more)
 ) -> tuple:                     # features (N, D) float32 CPU, labels (N,) long CPU
     "Features and labels of a whole dataset, batched, under no_grad, eval mode and (on CUDA) bf16 autocast."
     device = torch.device(device)
     feats, labels = [], []
+    total = _num_batches(data, batch_size)
+    show = progress if progress is not None else (total or 0) >= PROGRESS_FROM
     with torch.no_grad(), _eval_mode(embed_fn):
-        for x, y in _batches(data, batch_size, device):
+        for x, y in tqdm(_batches(data, batch_size, device), total=total, desc='features', unit=' batches',
+                         disable=not show, leave=False, mininterval=1.0):
             if transform is not None: x = transform(x)
             with _autocast(device, amp): f = embed_fn(x)
             if not (isinstance(f, Tensor) and f.ndim == 2 and len(f) == len(x)):

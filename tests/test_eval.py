@@ -923,3 +923,18 @@ def test_the_trainer_knn_monitor_reads_a_streamed_folder(tmp_path):
                     knn_data=knn)
         acc[kind] = t.fit()['knn_top1']
     assert acc['memory'] == acc['stream'] and 0 <= acc['stream'] <= 1
+
+
+def test_feature_extraction_shows_progress_on_long_data(capsys):
+    "A bar over the batches from PROGRESS_FROM batches on (or when asked), none for small data."
+    from folk_nb.eval import PROGRESS_FROM
+    imgs = (sample_images(size=16)[:4] * 255).round().to(torch.uint8)
+    fn = lambda x: x.mean((2, 3))
+    extract_features(fn, {'images': imgs, 'targets': torch.arange(4)}, 'cpu', batch_size=2)
+    assert 'features' not in capsys.readouterr().err
+    many = {'images': imgs.repeat(PROGRESS_FROM // 2, 1, 1, 1), 'targets': torch.zeros(4 * (PROGRESS_FROM // 2), dtype=torch.long)}
+    f, _ = extract_features(fn, many, 'cpu', batch_size=2)
+    err = capsys.readouterr().err
+    assert len(f) == 2 * PROGRESS_FROM and 'features' in err and f'0/{PROGRESS_FROM}' in err   # its total: the batches
+    extract_features(fn, many, 'cpu', batch_size=2, progress=False)
+    assert 'features' not in capsys.readouterr().err
