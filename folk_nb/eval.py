@@ -789,7 +789,7 @@ def _subset(data: dict, n: int | None, seed: int = 0) -> dict:
 STREAM_MODES = ('auto', 'on', 'off')
 
 def stream_threshold_bytes() -> int:
-    "Decoded folders larger than this are streamed by `evaluation_data(stream='auto')`: 16 GB, or a quarter of the RAM."
+    "Decoded folders larger than this are streamed by `evaluation_data(stream='auto')`: 16 GiB, or a quarter of the RAM."
     try: ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     except (ValueError, OSError, AttributeError): ram = 64 * 2 ** 30
     return min(16 * 2 ** 30, ram // 4)
@@ -852,7 +852,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--max-test', type=int, default=None, help='evaluate on a random subset of the test split')
     p.add_argument('--stream', choices=STREAM_MODES, default='auto', help='image folders: decode batches in worker '
                    'processes instead of holding the whole folder in memory (auto: when it would take more than '
-                   '16 GB or a quarter of the RAM); kNN, linear and few-shot protocols')
+                   '16 GiB or a quarter of the RAM); kNN, linear and few-shot protocols')
     p.add_argument('--num-workers', type=int, default=4, help='decoding processes when streaming a folder')
     p.add_argument('--no-write', action='store_true', help='print only; write no record')
     return p
