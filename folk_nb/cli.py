@@ -11,7 +11,7 @@ import torch
 # %% auto #0
 __all__ = ['SWITCH', 'METHOD_NAMES', 'DEFAULT_MODEL', 'RESUME_SAME_ARGS', 'switch', 'build_parser', 'load_config_file',
            'check_device', 'parse_args', 'resolve_defaults', 'build_method', 'recipe_views', 'build_loader',
-           'check_resume_args', 'run_pretrain', 'main', 'exit_status', 'pretrain_command', 'method_batch',
+           'check_resume_args', 'knn_splits', 'run_pretrain', 'main', 'exit_status', 'pretrain_command', 'method_batch',
            'loss_curves', 'reconstruction_figure', 'training_report', 'demo_main', 'demo_command']
 
 # %% ../nbs/41_cli.ipynb #b93f0779
@@ -245,12 +245,15 @@ def _build_method_clearly(a: dict, n_images):
         raise ValueError(f"{where}: creating method {a['method']!r} with model {a['model']!r} failed "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
+def knn_splits(data) -> tuple:
+    "The (train, test) splits of the kNN monitor: a folder's test/ or val/ (ImageNet) if it has one, else its training images."
+    if str(data) in ('samples', 'cifar10'): return 'train', 'test'
+    root = Path(str(data)).expanduser()
+    return 'train', next((s for s in ('test', 'val') if (root / s).is_dir()), 'train')
+
 def _knn_on_training_images(data) -> bool:
-    "Whether the kNN monitor's 'test' split is the training set itself (no separate test split)."
-    data = str(data)
-    if data == 'samples': return True
-    if data == 'cifar10': return False
-    return not (Path(data).expanduser() / 'test').is_dir()
+    "Whether the kNN monitor's test split is the training set itself (no separate test split)."
+    return str(data) == 'samples' or knn_splits(data)[1] == 'train'
 
 def run_pretrain(args: dict) -> dict:
     "Run (or resume) pre-training from resolved options; returns the trainer's summary."
@@ -287,9 +290,9 @@ def run_pretrain(args: dict) -> dict:
         size = a['img_size']
         if str(a['data']) in DATASETS:
             knn = tuple(dataset_tensors(a['data'], split, a['data_root'], size=size if a['data'] != 'cifar10' else None,
-                                        archive=a['archive']) for split in ('train', 'test'))
+                                        archive=a['archive']) for split in knn_splits(a['data']))
         else:   # a folder: in memory, or streamed by workers when it is too large for that
-            knn = tuple(evaluation_data(a['data'], split, size, num_workers=a['num_workers']) for split in ('train', 'test'))
+            knn = tuple(evaluation_data(a['data'], split, size, num_workers=a['num_workers']) for split in knn_splits(a['data']))
         if info.is_main and _knn_on_training_images(a['data']):
             print(f"note: {a['data']!r} has no test split: the kNN monitor classifies the training images themselves, "
                   "so its accuracy is not a test accuracy")

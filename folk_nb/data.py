@@ -275,9 +275,20 @@ def _as_uint8(x: Tensor) -> Tensor: return (x.clamp(0, 1) * 255 + 0.5).to(torch.
 def _split_folder(path: Path, split: str) -> Path:
     return path / split if (path / split).is_dir() else path
 
+def _check_split(name_or_path, split) -> None:
+    "'samples' and 'cifar10' have 'train' and 'test'; a folder's splits are its subfolders (e.g. ImageNet's 'val')."
+    if not isinstance(split, str) or not split: raise ValueError(f"split must be a non-empty string, got {split!r}")
+    if str(name_or_path) in DATASETS or split in ('train', 'test'):
+        if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return
+    path = Path(str(name_or_path)).expanduser()
+    if path.is_dir() and not (path / split).is_dir():
+        raise FileNotFoundError(f"split {split!r}: there is no folder '{path / split}' (a folder's splits are its "
+                                "subfolders, e.g. train/ and val/; 'train' and 'test' fall back to the folder itself)")
+
 def create_dataset(
     name_or_path='samples',  # 'samples', 'cifar10', or an image folder (root/<class>/<image> or root/<split>/<class>/<image>)
-    split: str = 'train',    # 'train' or 'test' (ignored by 'samples')
+    split: str = 'train',    # 'train' or 'test' (ignored by 'samples'); for a folder, any subfolder (e.g. 'val')
     root=None,               # data folder for 'cifar10' (None: $FOLK_NB_DATA, else ./data)
     transform=None,          # per-image transform (default: float tensor in [0, 1]); not with `recipe`
     recipe=None,             # augmentation recipe ('mae', 'mfm', 'famt', 'moco', 'folk') or ViewSpec(s): items become view dicts
@@ -290,7 +301,7 @@ def create_dataset(
 ):
     "A dataset by name ('samples', 'cifar10') or folder path; with `recipe`, one that yields augmented views."
     if recipe is not None and transform is not None: raise ValueError("give either transform= or recipe=, not both")
-    if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    _check_split(name_or_path, split)
     name = str(name_or_path)
     if name == 'samples':
         ds, native = SampleDataset(size or 224, repeats, transform=transform), size or 224
@@ -385,7 +396,7 @@ def load_folder_tensors(
 # %% ../nbs/20_data.ipynb #4986c70c
 def dataset_tensors(
     name_or_path='samples',   # 'samples', 'cifar10', or an image folder
-    split: str = 'train',     # 'train' or 'test' (ignored by 'samples')
+    split: str = 'train',     # 'train' or 'test' (ignored by 'samples'); for a folder, any subfolder (e.g. 'val')
     root=None,                # data folder for 'cifar10'
     size: int | None = None,  # picture size for 'samples' (default 224); resize folder images to this square size
     download: bool = False,   # 'cifar10': download with torchvision if no local copy exists
@@ -393,7 +404,7 @@ def dataset_tensors(
     cache: bool = True,       # image folders: use the uint8 cache file next to the folder
 ) -> dict:                    # images (N, 3, H, W) uint8, targets (N,) int64, classes
     "A whole dataset as one uint8 image tensor plus labels."
-    if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    _check_split(name_or_path, split)
     name = str(name_or_path)
     if name == 'samples':
         names = list(sample_names())

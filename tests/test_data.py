@@ -233,6 +233,21 @@ def test_folder_split_subfolder(tmp_path):
     write_folder(tmp_path / 'train', classes=('x', 'y'), n=2)
     write_folder(tmp_path / 'test', classes=('x', 'y'), n=1)
     assert len(create_dataset(tmp_path, 'train')) == 4 and len(create_dataset(tmp_path, 'test')) == 2
+
+
+def test_a_folder_split_is_any_subfolder(tmp_path):
+    "ImageNet's layout: train/ and val/. Any subfolder is a split; a missing one is named, not replaced by the root."
+    write_folder(tmp_path / 'train', classes=('x', 'y'), n=2)
+    write_folder(tmp_path / 'val', classes=('x', 'y'), n=3, size=(8, 8))
+    assert len(create_dataset(tmp_path, 'val')) == 6
+    assert dataset_tensors(tmp_path, 'val', size=8, cache=False)['images'].shape == (6, 3, 8, 8)
+    for fn in (lambda: create_dataset(tmp_path, 'valid'), lambda: dataset_tensors(tmp_path, 'valid', size=8)):
+        with pytest.raises(FileNotFoundError, match="split 'valid': there is no folder"):
+            fn()
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        dataset_tensors('cifar10', 'val')
+    with pytest.raises(ValueError, match='split must be a non-empty string'):
+        create_dataset(tmp_path, '')
     assert len(create_dataset(tmp_path / 'train')) == 4  # a folder of classes: split ignored
 
 

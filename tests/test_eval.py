@@ -938,3 +938,15 @@ def test_feature_extraction_shows_progress_on_long_data(capsys):
     assert len(f) == 2 * PROGRESS_FROM and 'features' in err and f'0/{PROGRESS_FROM}' in err   # its total: the batches
     extract_features(fn, many, 'cpu', batch_size=2, progress=False)
     assert 'features' not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('stream', ['off', 'on'])
+def test_folk_nb_eval_reads_an_imagenet_style_val_split(tmp_path, stream):
+    "root/train and root/val (ImageNet's layout): --split-test val evaluates on val/, held in memory or streamed."
+    from folk_nb.eval import evaluate
+    root = _photo_folder(tmp_path / 'photos', n=6)
+    (root / 'test').rename(root / 'val')
+    (r,) = evaluate(['--random-init', 'mae', '--method-config', '{"img_size": 32, "patch_size": 8, "model_kwargs": '
+                     '{"depth": 1}}', '--data', str(root), '--split-test', 'val', '--protocol', 'knn', '--device', 'cpu',
+                     '--no-write', '--stream', stream, '--num-workers', '0'])
+    assert (r['n_train'], r['n_test'], r['test_is_train'], r['split_test']) == (6, 6, False, 'val')
