@@ -228,6 +228,26 @@ def test_knn_monitor_on_data_without_test_split_says_so(tmp_path, capsys):
     assert 'no test split' in capsys.readouterr().out
 
 
+def test_an_imagenet_style_folder_trains_with_its_val_split_as_knn_test_set(tmp_path, capsys):
+    "root/train + root/val: MoCo trains on train/ with the colour drawn by the loader, the kNN monitor classifies val/."
+    from PIL import Image
+    from folk_nb.images import sample_images, to_uint8_image
+    root = tmp_path / 'imagenet'
+    for split, n in (('train', 8), ('val', 4)):
+        for i, img in enumerate(sample_images(size=40)[:n]):
+            (root / split / f'c{i % 2}').mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_uint8_image(img)).save(root / split / f'c{i % 2}' / f'{i}.jpg')
+    out = tmp_path / 'run'
+    argv = ['--method', 'moco', '--data', str(root), '--img-size', '32', '--batch-size', '4', '--max-steps', '2',
+            '--out', str(out), '--no-progress', '--device', 'cpu', '--num-workers', '0', '--knn-every', '1',
+            '--color-on-device', 'on', *TINY['moco']]
+    s = main(argv)
+    assert s['status'] == 'finished' and s['steps'] == 2 and 0 <= s['knn_top1'] <= 1
+    assert 'no test split' not in capsys.readouterr().out
+    rows = (out / 'eval.csv').read_text().splitlines()
+    assert rows[0].startswith('step') and len(rows) == 2           # one kNN evaluation, after the one epoch
+
+
 def test_speed_switches_reach_the_trainer_and_the_loader(tmp_path):
     "--channels-last / --sync-free / --fused-augment on: stored in the run's config, and the runs train."
     s = run('moco', tmp_path, '--max-steps', '2', '--model', 'resnet18', '--cifar-stem', '--optimizer', 'sgd',
