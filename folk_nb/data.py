@@ -39,10 +39,13 @@ class CorruptImageWarning(UserWarning):
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
 
 def read_rgb(
-    path,  # image file
-) -> Image.Image:  # fully decoded RGB image
+    path,                          # image file
+    min_side: int | None = None,   # JPEG only: decode at the smallest 1/2, 1/4 or 1/8 scale whose sides stay >= this
+) -> Image.Image:                  # fully decoded RGB image
     "Open and fully decode an image file as RGB (a truncated file fails here, not later)."
-    with Image.open(path) as img: return img.convert('RGB')
+    with Image.open(path) as img:
+        if min_side is not None: img.draft('RGB', (min_side, min_side))   # no-op for other formats
+        return img.convert('RGB')
 
 # %% ../nbs/20_data.ipynb #e9001b55
 def to_float_image(
@@ -323,8 +326,8 @@ def create_dataset(
 
 # %% ../nbs/20_data.ipynb #d5e74187
 def _decode(path: str, size: int | None) -> tuple:  # (H x W x 3 uint8 array, side of the source image's shorter edge)
-    img = read_rgb(path)
-    short = min(img.size)
+    with Image.open(path) as img: short = min(img.size)                  # the file's own size (the header only)
+    img = read_rgb(path, size)                                          # a large JPEG: decoded at a reduced scale
     if size is not None: img = ImageOps.fit(img, (size, size), Image.BICUBIC)
     return np.asarray(img), short
 

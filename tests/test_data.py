@@ -814,3 +814,19 @@ def test_equal_views_are_drawn_in_one_call(monkeypatch):
         assert not torch.equal(b0['boxes'][0], b0['boxes'][1])
     assert counts['merged'] < 0.6 * counts['per view'], counts
     assert [k for _, k in D._spec_groups(D.view_specs('folk', 32))] == [1, 1]      # different recipes: two calls
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_result(tmp_path):
+    "_decode (dataset_tensors, FolderBatches): a photo 5x the target size decodes at 1/4 scale (JPEG draft); the square it"
+    " returns matches the full decode's to a few grey levels, and the upscale check still sees the file's own size."
+    from PIL import ImageOps
+    from folk_nb.data import _decode, read_rgb
+    from folk_nb.images import sample_images
+    x = sample_images(['astronaut'], 400)[0]
+    big = Image.fromarray((x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).resize((1600, 1200), Image.BICUBIC)
+    big.save(tmp_path / 'big.jpg', quality=95)
+    a, short = _decode(str(tmp_path / 'big.jpg'), 64)
+    full = np.asarray(ImageOps.fit(read_rgb(tmp_path / 'big.jpg'), (64, 64), Image.BICUBIC)).astype(float)
+    assert short == 1200 and a.shape == (64, 64, 3)
+    assert read_rgb(tmp_path / 'big.jpg', 64).size == (200, 150)               # 1/8: the sides stay >= 64
+    assert np.abs(a - full).mean() < 3 and np.abs(a - full).max() < 40
