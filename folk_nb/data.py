@@ -25,12 +25,12 @@ from .images import sample_images, sample_names
 
 # %% auto #0
 __all__ = ['READ_ERRORS', 'CIFAR10_CLASSES', 'CIFAR10_ARCHIVE', 'DATASETS', 'DATASET_STATS', 'RECIPES', 'CorruptImageWarning',
-           'read_rgb', 'to_float_image', 'ImageFolderDataset', 'SampleDataset', 'data_root', 'prepare_cifar10',
-           'download_cifar10', 'create_dataset', 'load_folder_tensors', 'dataset_tensors', 'channel_stats', 'ViewSpec',
-           'view_specs', 'RandomResizedCropFlip', 'ViewTransform', 'MultiViewTransform', 'make_transform',
-           'ViewsDataset', 'sample_crop_boxes', 'resized_crop', 'map_between_views', 'color_jitter', 'gaussian_blur',
-           'color_augment', 'augment_batch', 'GPUDataLoader', 'SeededSampler', 'EpochDataLoader', 'DeviceColorLoader',
-           'create_loader']
+           'read_rgb', 'CropReader', 'to_float_image', 'ImageFolderDataset', 'SampleDataset', 'data_root',
+           'prepare_cifar10', 'download_cifar10', 'create_dataset', 'load_folder_tensors', 'dataset_tensors',
+           'channel_stats', 'ViewSpec', 'view_specs', 'RandomResizedCropFlip', 'ViewTransform', 'MultiViewTransform',
+           'make_transform', 'ViewsDataset', 'sample_crop_boxes', 'resized_crop', 'map_between_views', 'color_jitter',
+           'gaussian_blur', 'color_augment', 'augment_batch', 'GPUDataLoader', 'SeededSampler', 'EpochDataLoader',
+           'DeviceColorLoader', 'create_loader']
 
 # %% ../nbs/20_data.ipynb #84492e4f
 class CorruptImageWarning(UserWarning):
@@ -46,6 +46,35 @@ def read_rgb(
     with Image.open(path) as img:
         if min_side is not None: img.draft('RGB', (min_side, min_side))   # no-op for other formats
         return img.convert('RGB')
+
+# %% ../nbs/20_data.ipynb #fba6fa48
+class CropReader:
+    "Reads an image file for random crops: a large JPEG decodes at the smallest scale that keeps every crop >= `size` px."
+    def __init__(self,
+                 size: int,                    # side of the views
+                 min_scale: float,             # smallest crop area, as a fraction of the picture
+                 ratio: tuple = (3 / 4, 4 / 3), # crop aspect ratio range (width / height)
+                ):
+        if not (isinstance(size, int) and size >= 1): raise ValueError(f"size must be a positive integer, got {size!r}")
+        if not 0 < min_scale <= 1: raise ValueError(f"min_scale must be in (0, 1], got {min_scale!r}")
+        self.size, self.min_scale, self.q = size, float(min_scale), min(ratio[0], 1 / ratio[1], 1.0)
+
+    @classmethod
+    def for_specs(cls, specs) -> 'CropReader':
+        "The reader for a recipe's views: its largest view side, smallest crop and most extreme aspect."
+        return cls(max(s.size for s in specs), min(s.scale[0] for s in specs),
+                   (min(s.ratio[0] for s in specs), max(s.ratio[1] for s in specs)))
+
+    def reduction(self, width: int, height: int) -> int:
+        "1, 2, 4 or 8: the largest JPEG reduction that keeps the smallest crop's shorter side >= size."
+        k = math.sqrt(self.min_scale * width * height * self.q) / self.size
+        return next(f for f in (8, 4, 2, 1) if f <= max(k, 1))
+
+    def __call__(self, path) -> Image.Image:
+        with Image.open(path) as img:
+            f = self.reduction(*img.size)
+            if f > 1: img.draft('RGB', (img.size[0] // f, img.size[1] // f))   # JPEG only; others decode in full
+            return img.convert('RGB')
 
 # %% ../nbs/20_data.ipynb #e9001b55
 def to_float_image(
@@ -320,9 +349,11 @@ def create_dataset(
                          f"folder (no folder {name!r} exists)")
     if recipe is None: return ds
     if isinstance(ds, ImageFolderDataset): _check_upscale(ds.samples, size or native, ds.root)
+    transform = make_transform(recipe, size or native, with_color)
+    if isinstance(ds, ImageFolderDataset): ds.loader = CropReader.for_specs(transform.specs)   # large JPEGs: reduced decode
     if isinstance(ds, (ImageFolderDataset, torchvision.datasets.CIFAR10)): ds.transform = _as_read  # crop the decoded uint8 picture
     elif not with_color: ds.transform = _as_uint8                  # the samples as a decoded file would be: uint8 crops
-    return ViewsDataset(ds, make_transform(recipe, size or native, with_color))
+    return ViewsDataset(ds, transform)
 
 # %% ../nbs/20_data.ipynb #d5e74187
 def _decode(path: str, size: int | None) -> tuple:  # (H x W x 3 uint8 array, side of the source image's shorter edge)

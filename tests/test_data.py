@@ -830,3 +830,17 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_result(tmp_pat
     assert short == 1200 and a.shape == (64, 64, 3)
     assert read_rgb(tmp_path / 'big.jpg', 64).size == (200, 150)               # 1/8: the sides stay >= 64
     assert np.abs(a - full).mean() < 3 and np.abs(a - full).max() < 40
+
+
+def test_training_views_of_a_large_photo_come_from_a_reduced_decode(tmp_path):
+    "Folder datasets with a recipe read files with CropReader: a 2400 x 1800 JPEG for 32 px MoCo crops decodes at 1/8."
+    from folk_nb.data import CropReader
+    from folk_nb.images import sample_images
+    x = sample_images(['coffee'], 300)[0]
+    (tmp_path / 'c').mkdir()
+    Image.fromarray((x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).resize((2400, 1800)).save(tmp_path / 'c' / '0.jpg')
+    ds = create_dataset(tmp_path, recipe='moco', size=32, with_color=False)
+    assert isinstance(ds.base.loader, CropReader) and ds.base.loader.reduction(2400, 1800) == 8
+    assert ds.base.loader(str(tmp_path / 'c' / '0.jpg')).size == (300, 225)
+    item = ds[(0, 3)]
+    assert [v.shape for v in item['views']] == [(3, 32, 32)] * 2 and all(v.dtype == torch.uint8 for v in item['views'])
